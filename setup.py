@@ -1,0 +1,71 @@
+"""leapalign_jax: LeapAlign post-training of Flux-class flow models in JAX/Flax NNX."""
+
+import pathlib
+import re
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+_VERSION = re.search(
+  r'__version__ = "([^"]+)"',
+  (_HERE / "leapalign_jax" / "__init__.py").read_text(),
+).group(1)
+
+# Lower bounds only: exact versions for CI live in constraints.txt, and
+# accelerator images that ship newer jax/flax install with --no-deps.
+INSTALL_REQUIRES = [
+  "jax>=0.10.2",
+  "jaxlib>=0.10.2",
+  "flax>=0.12.8",
+  "optax>=0.2.8",
+  "orbax-checkpoint>=0.12.8",
+  "ml_collections>=1.1.0",
+  "clu>=0.0.12",
+  "chex>=0.1.92",
+  "einops>=0.8.2",
+  "grain>=0.2.18",
+  "transformers>=5.23.0",
+  "tokenizers>=0.23.3",
+  "sentencepiece>=0.2.3",
+  "safetensors>=0.8.0",
+  "numpy>=2.0",
+  "ml_dtypes>=0.5.0",
+  "pillow>=10.0",
+  "tqdm>=4.66",
+  "absl-py>=2.1",
+  "scikit-learn>=1.5",  # the embedded digits world (load_digits)
+]
+
+# torch is a parity reference and an optional converter input only; never
+# imported at training or sampling time. Pin it exactly: any other version
+# resolves to a multi-GB CUDA download on the project's machines.
+TORCH_EXTRA = ["torch==2.13.0"]
+
+EXTRAS_REQUIRE = {
+  "torch": TORCH_EXTRA,
+  "convert": TORCH_EXTRA,
+  "test": TORCH_EXTRA
+  + [
+    "diffusers>=0.42.1",
+    "scikit-image>=0.24",
+    "pytest>=8.0",
+    "ruff>=0.6",
+  ],
+}
+
+setuptools.setup(
+  name="leapalign_jax",
+  version=_VERSION,
+  description=(
+    "LeapAlign (two-step leap trajectories) reward fine-tuning of Flux in"
+    " JAX/Flax NNX, with ReFL/DRaFT/DRTune/full-backprop baselines."
+  ),
+  long_description=(_HERE / "README.md").read_text(),
+  long_description_content_type="text/markdown",
+  python_requires=">=3.11",
+  packages=setuptools.find_packages(include=["leapalign_jax", "leapalign_jax.*"]),
+  package_data={"leapalign_jax": ["assets/*"]},
+  install_requires=INSTALL_REQUIRES,
+  extras_require=EXTRAS_REQUIRE,
+  license="Apache-2.0",
+)
