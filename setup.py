@@ -63,7 +63,9 @@ setuptools.setup(
   long_description=(_HERE / "README.md").read_text(),
   long_description_content_type="text/markdown",
   python_requires=">=3.11",
-  packages=setuptools.find_packages(include=["leapalign_jax", "leapalign_jax.*"]),
+  packages=setuptools.find_packages(
+    include=["leapalign_jax", "leapalign_jax.*"]
+  ),
   package_data={"leapalign_jax": ["assets/*"]},
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS_REQUIRE,

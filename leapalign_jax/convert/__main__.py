@@ -1,0 +1,73 @@
+"""Command line: convert checkpoints between layouts.
+
+  python -m leapalign_jax.convert flux --src <file|dir> --dst <path> \
+      [--layout bfl|diffusers] [--dtype bfloat16] [--axes-dim 16,56,56]
+
+Reads any supported layout (auto-detected) and writes the requested one, so
+the output loads with ``load_flux`` and with PyTorch tools (BFL/ComfyUI single
+files, diffusers folders). Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from leapalign_jax.convert.errors import ConversionError
+
+
+def _flux(args) -> list[str]:
+  from leapalign_jax.convert.flux import convert_flux
+
+  dst = args.dst
+  if args.layout == "bfl" and not dst.endswith(".safetensors"):
+    dst = os.path.join(dst, "flux1.safetensors")
+  axes = (
+    tuple(int(a) for a in args.axes_dim.split(",")) if args.axes_dim else None
+  )
+  return convert_flux(args.src, dst, args.layout, args.dtype, axes)
+
+
+COMMANDS = {"flux": _flux}
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the converter; returns the process exit status."""
+  parser = argparse.ArgumentParser(
+    prog="python -m leapalign_jax.convert", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument("model", choices=sorted(COMMANDS))
+  parser.add_argument("--src", required=True, help="checkpoint file or folder")
+  parser.add_argument("--dst", required=True, help="output file or folder")
+  parser.add_argument(
+    "--layout",
+    default="bfl",
+    choices=["bfl", "diffusers"],
+    help="output layout (default: bfl single file)",
+  )
+  parser.add_argument(
+    "--dtype",
+    default=None,
+    choices=["float32", "bfloat16", "float16"],
+    help="output dtype (default: as stored in the source)",
+  )
+  parser.add_argument(
+    "--axes-dim",
+    default=None,
+    help="RoPE axes split, e.g. 16,56,56; only needed to write a diffusers "
+    "folder from a BFL file whose head dim is not 128",
+  )
+  args = parser.parse_args(argv)
+  try:
+    written = COMMANDS[args.model](args)
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for path in written:
+    print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

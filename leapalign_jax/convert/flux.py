@@ -1,0 +1,723 @@
+"""Flux transformer weights: BFL single files and diffusers folders <-> ours.
+
+The two key tables below are the whole mapping (flux.md §9–10). Ours differs
+from BFL only by layout: kernels are transposed, fused qkv kernels keep their
+``(3, heads, head_dim)`` structure, and the single block's ``linear1`` /
+``linear2`` are stored as their qkv / MLP parts (``linear2`` split by input
+columns, one bias). diffusers additionally splits q, k and v and swaps the
+final layer's (shift, scale) halves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+from leapalign_jax.convert import keymap
+from leapalign_jax.convert.errors import ConversionError
+from leapalign_jax.convert.keymap import Rule, Src, linear, reshape, swap_halves
+from leapalign_jax.convert.safetensors_io import TensorSource, open_folder
+from leapalign_jax.models.flux import VARIANTS, FluxConfig
+
+BFL_PREFIXES = ("model.diffusion_model.",)
+DIFFUSERS_PREFIXES = ("transformer.",)
+ARCH_FIELDS = (
+  "in_channels",
+  "out_channels",
+  "vec_in_dim",
+  "context_in_dim",
+  "hidden_size",
+  "mlp_ratio",
+  "num_heads",
+  "depth",
+  "depth_single_blocks",
+  "axes_dim",
+  "qkv_bias",
+  "guidance_embed",
+)
+
+
+class _Table:
+  """Collects rules; ``lin``/``vec`` add the common linear and bias cases."""
+
+  def __init__(self):
+    self.rules: list[Rule] = []
+
+  def add(self, target, layer, srcs, transform):
+    self.rules.append(Rule(tuple(target), layer, tuple(srcs), transform))
+
+  def lin(
+    self,
+    target,
+    layer,
+    key,
+    in_shape,
+    out_shape,
+    *,
+    bias=True,
+    parts=None,
+    src_shape=None,
+  ):
+    """A linear layer: ``key.weight`` (rows from ``parts``) -> kernel+bias."""
+    n_in = _prod(in_shape)
+    n_out = _prod(out_shape)
+    parts = parts or [(key, None, None)]
+    w_srcs, b_srcs = [], []
+    for k, lo, hi in parts:
+      full_out = src_shape[0] if src_shape else n_out
+      w_srcs.append(Src(f"{k}.weight", (full_out, n_in), 0, lo or 0, hi))
+      b_srcs.append(Src(f"{k}.bias", (full_out,), 0, lo or 0, hi))
+    self.add((*target, "kernel"), layer, w_srcs, linear(in_shape, out_shape))
+    if bias:
+      self.add((*target, "bias"), layer, b_srcs, reshape(out_shape, (n_out,)))
+
+
+def _prod(shape):
+  out = 1
+  for s in (shape,) if isinstance(shape, int) else shape:
+    out *= s
+  return out
+
+
+def _common_embedders(t: _Table, c: FluxConfig, names: dict[str, str]):
+  D = c.hidden_size
+  t.lin(("img_in",), None, names["img_in"], c.in_channels, D)
+  t.lin(("txt_in",), None, names["txt_in"], c.context_in_dim, D)
+  embedders = [("time_in", 256), ("vector_in", c.vec_in_dim)]
+  if c.guidance_embed:
+    embedders.append(("guidance_in", 256))
+  for ours, in_dim in embedders:
+    src_in, src_out = names[ours]
+    t.lin((ours, "in_layer"), None, src_in, in_dim, D)
+    t.lin((ours, "out_layer"), None, src_out, D, D)
+
+
+def bfl_rules(c: FluxConfig) -> list[Rule]:
+  """Key table for BFL single files (``flux1-dev.safetensors``)."""
+  t = _Table()
+  D, H, Dh, F = c.hidden_size, c.num_heads, c.head_dim, c.mlp_hidden
+  _common_embedders(
+    t,
+    c,
+    {
+      "img_in": "img_in",
+      "txt_in": "txt_in",
+      "time_in": ("time_in.in_layer", "time_in.out_layer"),
+      "vector_in": ("vector_in.in_layer", "vector_in.out_layer"),
+      "guidance_in": ("guidance_in.in_layer", "guidance_in.out_layer"),
+    },
+  )
+  for i in range(c.depth):
+    b = f"double_blocks.{i}"
+    for s in ("img", "txt"):
+      t.lin(
+        ("double_blocks", f"{s}_mod", "lin"), i, f"{b}.{s}_mod.lin", D, 6 * D
+      )
+      t.lin(
+        ("double_blocks", f"{s}_attn", "qkv"),
+        i,
+        f"{b}.{s}_attn.qkv",
+        D,
+        (3, H, Dh),
+        bias=c.qkv_bias,
+      )
+      t.lin(
+        ("double_blocks", f"{s}_attn", "proj"),
+        i,
+        f"{b}.{s}_attn.proj",
+        (H, Dh),
+        D,
+      )
+      for n in ("query_norm", "key_norm"):
+        t.add(
+          ("double_blocks", f"{s}_attn", "norm", n, "scale"),
+          i,
+          [Src(f"{b}.{s}_attn.norm.{n}.scale", (Dh,))],
+          keymap.identity(),
+        )
+      t.lin(
+        ("double_blocks", f"{s}_mlp", "layers", 0), i, f"{b}.{s}_mlp.0", D, F
+      )
+      t.lin(
+        ("double_blocks", f"{s}_mlp", "layers", 2), i, f"{b}.{s}_mlp.2", F, D
+      )
+  for i in range(c.depth_single_blocks):
+    b = f"single_blocks.{i}"
+    l1 = (3 * D + F, D)
+    t.lin(
+      ("single_blocks", "linear1", "qkv"),
+      i,
+      None,
+      D,
+      (3, H, Dh),
+      parts=[(f"{b}.linear1", 0, 3 * D)],
+      src_shape=l1,
+    )
+    t.lin(
+      ("single_blocks", "linear1", "mlp"),
+      i,
+      None,
+      D,
+      F,
+      parts=[(f"{b}.linear1", 3 * D, None)],
+      src_shape=l1,
+    )
+    w2 = f"{b}.linear2.weight"
+    t.add(
+      ("single_blocks", "linear2", "attn", "kernel"),
+      i,
+      [Src(w2, (D, D + F), 1, 0, D)],
+      linear((H, Dh), D),
+    )
+    t.add(
+      ("single_blocks", "linear2", "mlp", "kernel"),
+      i,
+      [Src(w2, (D, D + F), 1, D, None)],
+      linear(F, D),
+    )
+    t.add(
+      ("single_blocks", "linear2", "bias"),
+      i,
+      [Src(f"{b}.linear2.bias", (D,))],
+      keymap.identity(),
+    )
+    for n in ("query_norm", "key_norm"):
+      t.add(
+        ("single_blocks", "norm", n, "scale"),
+        i,
+        [Src(f"{b}.norm.{n}.scale", (Dh,))],
+        keymap.identity(),
+      )
+    t.lin(
+      ("single_blocks", "modulation", "lin"), i, f"{b}.modulation.lin", D, 3 * D
+    )
+  t.lin(
+    ("final_layer", "linear"), None, "final_layer.linear", D, c.out_channels
+  )
+  t.lin(
+    ("final_layer", "adaLN_modulation", "layers", 1),
+    None,
+    "final_layer.adaLN_modulation.1",
+    D,
+    2 * D,
+  )
+  return t.rules
+
+
+def diffusers_rules(c: FluxConfig) -> list[Rule]:
+  """Key table for diffusers ``FluxTransformer2DModel`` folders."""
+  t = _Table()
+  D, H, Dh, F = c.hidden_size, c.num_heads, c.head_dim, c.mlp_hidden
+  te = "time_text_embed"
+  _common_embedders(
+    t,
+    c,
+    {
+      "img_in": "x_embedder",
+      "txt_in": "context_embedder",
+      "time_in": (
+        f"{te}.timestep_embedder.linear_1",
+        f"{te}.timestep_embedder.linear_2",
+      ),
+      "vector_in": (
+        f"{te}.text_embedder.linear_1",
+        f"{te}.text_embedder.linear_2",
+      ),
+      "guidance_in": (
+        f"{te}.guidance_embedder.linear_1",
+        f"{te}.guidance_embedder.linear_2",
+      ),
+    },
+  )
+
+  def qkv(target, layer, keys, bias):
+    srcs_w = [Src(f"{k}.weight", (D, D)) for k in keys]
+    t.add((*target, "kernel"), layer, srcs_w, linear(D, (3, H, Dh)))
+    if bias:
+      srcs_b = [Src(f"{k}.bias", (D,)) for k in keys]
+      t.add((*target, "bias"), layer, srcs_b, reshape((3, H, Dh), (3 * D,)))
+
+  def norm(target, layer, key):
+    t.add(
+      (*target, "scale"),
+      layer,
+      [Src(f"{key}.weight", (Dh,))],
+      keymap.identity(),
+    )
+
+  for i in range(c.depth):
+    b = f"transformer_blocks.{i}"
+    streams = {
+      "img": dict(
+        mod="norm1",
+        q="to_q",
+        k="to_k",
+        v="to_v",
+        out="attn.to_out.0",
+        nq="norm_q",
+        nk="norm_k",
+        ff="ff",
+      ),
+      "txt": dict(
+        mod="norm1_context",
+        q="add_q_proj",
+        k="add_k_proj",
+        v="add_v_proj",
+        out="attn.to_add_out",
+        nq="norm_added_q",
+        nk="norm_added_k",
+        ff="ff_context",
+      ),
+    }
+    for s, n in streams.items():
+      t.lin(
+        ("double_blocks", f"{s}_mod", "lin"),
+        i,
+        f"{b}.{n['mod']}.linear",
+        D,
+        6 * D,
+      )
+      qkv(
+        ("double_blocks", f"{s}_attn", "qkv"),
+        i,
+        [f"{b}.attn.{n[x]}" for x in "qkv"],
+        c.qkv_bias,
+      )
+      t.lin(
+        ("double_blocks", f"{s}_attn", "proj"), i, f"{b}.{n['out']}", (H, Dh), D
+      )
+      norm(
+        ("double_blocks", f"{s}_attn", "norm", "query_norm"),
+        i,
+        f"{b}.attn.{n['nq']}",
+      )
+      norm(
+        ("double_blocks", f"{s}_attn", "norm", "key_norm"),
+        i,
+        f"{b}.attn.{n['nk']}",
+      )
+      t.lin(
+        ("double_blocks", f"{s}_mlp", "layers", 0),
+        i,
+        f"{b}.{n['ff']}.net.0.proj",
+        D,
+        F,
+      )
+      t.lin(
+        ("double_blocks", f"{s}_mlp", "layers", 2),
+        i,
+        f"{b}.{n['ff']}.net.2",
+        F,
+        D,
+      )
+  for i in range(c.depth_single_blocks):
+    b = f"single_transformer_blocks.{i}"
+    qkv(
+      ("single_blocks", "linear1", "qkv"),
+      i,
+      [f"{b}.attn.to_{x}" for x in "qkv"],
+      True,
+    )
+    t.lin(("single_blocks", "linear1", "mlp"), i, f"{b}.proj_mlp", D, F)
+    w2 = f"{b}.proj_out.weight"
+    t.add(
+      ("single_blocks", "linear2", "attn", "kernel"),
+      i,
+      [Src(w2, (D, D + F), 1, 0, D)],
+      linear((H, Dh), D),
+    )
+    t.add(
+      ("single_blocks", "linear2", "mlp", "kernel"),
+      i,
+      [Src(w2, (D, D + F), 1, D, None)],
+      linear(F, D),
+    )
+    t.add(
+      ("single_blocks", "linear2", "bias"),
+      i,
+      [Src(f"{b}.proj_out.bias", (D,))],
+      keymap.identity(),
+    )
+    norm(("single_blocks", "norm", "query_norm"), i, f"{b}.attn.norm_q")
+    norm(("single_blocks", "norm", "key_norm"), i, f"{b}.attn.norm_k")
+    t.lin(
+      ("single_blocks", "modulation", "lin"), i, f"{b}.norm.linear", D, 3 * D
+    )
+  t.lin(("final_layer", "linear"), None, "proj_out", D, c.out_channels)
+  # diffusers chunks norm_out as (scale, shift); BFL as (shift, scale).
+  t.add(
+    ("final_layer", "adaLN_modulation", "layers", 1, "kernel"),
+    None,
+    [Src("norm_out.linear.weight", (2 * D, D))],
+    swap_halves(linear(D, 2 * D)),
+  )
+  t.add(
+    ("final_layer", "adaLN_modulation", "layers", 1, "bias"),
+    None,
+    [Src("norm_out.linear.bias", (2 * D,))],
+    swap_halves(keymap.identity()),
+  )
+  return t.rules
+
+
+RULES = {"bfl": bfl_rules, "diffusers": diffusers_rules}
+
+
+# --------------------------------------------------------------------------
+# Finding and reading checkpoints.
+
+
+def _strip_prefix(source: TensorSource, prefixes) -> TensorSource:
+  for prefix in prefixes:
+    if source and all(k.startswith(prefix) for k in source):
+      return source.renamed(lambda k, p=prefix: k[len(p) :])
+  return source
+
+
+def open_checkpoint(path: str) -> tuple[TensorSource, str, dict]:
+  """Opens a Flux checkpoint: a BFL file, or a diffusers folder / pipeline root.
+
+  Returns:
+    (tensors with prefixes stripped, layout "bfl"|"diffusers", diffusers
+    config dict or {}).
+  """
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: no such file or folder")
+  diffusers_config = {}
+  if os.path.isdir(path):
+    folder = path
+    if os.path.isdir(os.path.join(path, "transformer")):
+      folder = os.path.join(path, "transformer")
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_path):
+      with open(cfg_path) as f:
+        diffusers_config = json.load(f)
+    try:
+      source = open_folder(folder, "diffusion_pytorch_model")
+    except ConversionError:
+      singles = sorted(
+        f for f in os.listdir(folder) if f.endswith(".safetensors")
+      )
+      if len(singles) != 1:
+        raise
+      source = TensorSource.from_files([os.path.join(folder, singles[0])])
+  else:
+    source = TensorSource.from_files([path])
+  source = _strip_prefix(source, BFL_PREFIXES + DIFFUSERS_PREFIXES)
+  if "img_in.weight" in source:
+    layout = "bfl"
+  elif "x_embedder.weight" in source:
+    layout = "diffusers"
+  else:
+    raise ConversionError(
+      f"{source.description}: holds no Flux transformer weights (neither "
+      "'img_in.weight' (BFL) nor 'x_embedder.weight' (diffusers) is present); "
+      "pass flux1-*.safetensors or a diffusers folder with transformer/"
+    )
+  return source, layout, diffusers_config
+
+
+def _count(keys, pattern: str) -> int:
+  idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+  return max(idx) + 1 if idx else 0
+
+
+def infer_arch(source: TensorSource, layout: str) -> dict:
+  """Architecture fields read off the tensor names and shapes.
+
+  ``axes_dim`` is not recorded in the weights and is absent from the result.
+  """
+  keys = list(source)
+  if layout == "bfl":
+    n = {
+      "img_in": "img_in.weight",
+      "txt_in": "txt_in.weight",
+      "vec": "vector_in.in_layer.weight",
+      "guid": "guidance_in.in_layer.weight",
+      "mlp": "double_blocks.0.img_mlp.0.weight",
+      "qk": "double_blocks.0.img_attn.norm.query_norm.scale",
+      "qkv_b": "double_blocks.0.img_attn.qkv.bias",
+      "out": "final_layer.linear.weight",
+    }
+    depth = _count(keys, r"double_blocks\.(\d+)\.")
+    single = _count(keys, r"single_blocks\.(\d+)\.")
+  else:
+    n = {
+      "img_in": "x_embedder.weight",
+      "txt_in": "context_embedder.weight",
+      "vec": "time_text_embed.text_embedder.linear_1.weight",
+      "guid": "time_text_embed.guidance_embedder.linear_1.weight",
+      "mlp": "transformer_blocks.0.ff.net.0.proj.weight",
+      "qk": "transformer_blocks.0.attn.norm_q.weight",
+      "qkv_b": "transformer_blocks.0.attn.to_q.bias",
+      "out": "proj_out.weight",
+    }
+    depth = _count(keys, r"transformer_blocks\.(\d+)\.")
+    single = _count(keys, r"single_transformer_blocks\.(\d+)\.")
+  for k in ("img_in", "txt_in", "vec", "out"):
+    if n[k] not in source:
+      raise ConversionError(
+        f"{source.description}: missing {n[k]!r}; the checkpoint is incomplete"
+      )
+  hidden, in_channels = source.shape(n["img_in"])
+  head_dim = source.shape(n["qk"])[0] if n["qk"] in source else 128
+  mlp_hidden = source.shape(n["mlp"])[0] if n["mlp"] in source else 4 * hidden
+  return dict(
+    in_channels=in_channels,
+    out_channels=source.shape(n["out"])[0],
+    vec_in_dim=source.shape(n["vec"])[1],
+    context_in_dim=source.shape(n["txt_in"])[1],
+    hidden_size=hidden,
+    mlp_ratio=mlp_hidden / hidden,
+    num_heads=max(1, hidden // head_dim),
+    depth=depth,
+    depth_single_blocks=single,
+    qkv_bias=n["qkv_b"] in source,
+    guidance_embed=n["guid"] in source,
+  )
+
+
+def infer_config(
+  source: TensorSource,
+  layout: str,
+  diffusers_config: dict | None = None,
+  axes_dim: tuple[int, ...] | None = None,
+) -> FluxConfig:
+  """The full architecture of a checkpoint.
+
+  ``axes_dim`` comes from the argument, the diffusers ``config.json``, or is
+  Flux's (16, 56, 56) when the head dim is 128.
+  """
+  arch = infer_arch(source, layout)
+  head_dim = arch["hidden_size"] // arch["num_heads"]
+  if (
+    axes_dim is None
+    and diffusers_config
+    and "axes_dims_rope" in diffusers_config
+  ):
+    axes_dim = tuple(diffusers_config["axes_dims_rope"])
+  if axes_dim is None:
+    if head_dim != 128:
+      raise ConversionError(
+        f"{source.description}: head dim {head_dim} is not Flux's 128 and a "
+        "BFL file does not record axes_dim; pass the model's axes_dim "
+        "(config=FluxConfig(...), or --axes-dim on the command line)"
+      )
+    axes_dim = (16, 56, 56)  # every released Flux checkpoint
+  try:
+    return FluxConfig(axes_dim=tuple(axes_dim), **arch)
+  except ValueError as e:
+    raise ConversionError(f"{source.description}: {e}") from None
+
+
+def check_matches(found: dict, wanted: FluxConfig, where: str) -> None:
+  """Fails if the checkpoint's architecture differs from the requested one."""
+  diffs = [
+    f"{f}={found[f]!r} (config: {getattr(wanted, f)!r})"
+    for f in ARCH_FIELDS
+    if f in found and found[f] != getattr(wanted, f)
+  ]
+  if diffs:
+    hint = ""
+    if found["guidance_embed"] != wanted.guidance_embed:
+      hint = (
+        " (a guidance-distilled dev-like checkpoint has guidance_in; schnell"
+        " does not)"
+      )
+    raise ConversionError(
+      f"{where}: the weights do not fit the requested Flux config: "
+      + ", ".join(diffs[:5])
+      + f"{hint}; pick the matching variant or omit config to auto-detect"
+    )
+
+
+def variant_name(config: FluxConfig) -> str | None:
+  """The name of the ``VARIANTS`` entry with this architecture, if any."""
+  for name, v in VARIANTS.items():
+    if all(getattr(v, f) == getattr(config, f) for f in ARCH_FIELDS):
+      return name
+  return None
+
+
+def with_runtime(arch: FluxConfig, **runtime) -> FluxConfig:
+  """``arch`` with numerics/compilation fields replaced."""
+  return dataclasses.replace(arch, **runtime)
+
+
+def diffusers_config_dict(c: FluxConfig) -> dict:
+  """The ``config.json`` diffusers needs to build ``FluxTransformer2DModel``."""
+  return {
+    "_class_name": "FluxTransformer2DModel",
+    "patch_size": 1,
+    "in_channels": c.in_channels,
+    "out_channels": c.out_channels,
+    "num_layers": c.depth,
+    "num_single_layers": c.depth_single_blocks,
+    "attention_head_dim": c.head_dim,
+    "num_attention_heads": c.num_heads,
+    "joint_attention_dim": c.context_in_dim,
+    "pooled_projection_dim": c.vec_in_dim,
+    "guidance_embeds": c.guidance_embed,
+    "axes_dims_rope": list(c.axes_dim),
+  }
+
+
+# --------------------------------------------------------------------------
+# Public entry points.
+
+
+def load_flux(
+  path: str,
+  *,
+  config: FluxConfig | str | None = None,
+  dtype: str = "float32",
+  param_dtype: str | None = None,
+  sharding=None,
+  **runtime,
+):
+  """Loads Flux weights from a BFL file or a diffusers folder.
+
+  Layout and architecture are detected from the tensor names and shapes; with
+  ``config`` (a ``FluxConfig`` or a ``VARIANTS`` name) the weights must match
+  it. Tensors are memory-mapped and copied once, straight into their
+  (optionally sharded) device arrays.
+
+  Args:
+    path: ``flux1-*.safetensors`` (with or without the
+      ``model.diffusion_model.`` prefix), a diffusers ``transformer/`` folder,
+      or a pipeline root containing one.
+    config: expected architecture; None auto-detects.
+    dtype: compute dtype.
+    param_dtype: storage dtype of the parameters (default: ``dtype``).
+    sharding: None, a ``Sharding`` for every parameter, or a pytree of them.
+    **runtime: other runtime fields of ``FluxConfig`` (``remat``,
+      ``attention``, ``scan_layers``, ...).
+
+  Returns:
+    ``(config, model)``.
+  """
+  from flax import nnx
+
+  from leapalign_jax.convert.loading import load_model
+  from leapalign_jax.models.flux import Flux
+
+  source, layout, dcfg = open_checkpoint(path)
+  if isinstance(config, str):
+    if config not in VARIANTS:
+      raise ConversionError(
+        f"unknown Flux variant {config!r}; use one of {sorted(VARIANTS)}"
+      )
+    config = VARIANTS[config]
+  if config is not None:
+    check_matches(infer_arch(source, layout), config, source.description)
+    base = config
+  else:
+    base = infer_config(source, layout, dcfg)
+  cfg = with_runtime(
+    base, dtype=dtype, param_dtype=param_dtype or dtype, **runtime
+  )
+  rules = RULES[layout](cfg)
+  keymap.validate(
+    rules,
+    source,
+    f"Flux ({layout} layout)",
+    "Is this a complete, unquantised Flux transformer checkpoint?",
+  )
+  model = load_model(
+    lambda: Flux(cfg, rngs=nnx.Rngs(0)),
+    rules,
+    source,
+    cfg.param_dtype,
+    sharding,
+  )
+  return cfg, model
+
+
+def export_flux(
+  model,
+  path: str,
+  layout: str = "bfl",
+  *,
+  config: FluxConfig | None = None,
+  dtype: str | None = None,
+) -> list[str]:
+  """Writes a Flux model (or its Param state) for PyTorch tools.
+
+  Args:
+    model: a ``Flux`` module, or its Param state / pure dict with ``config``.
+    path: for ``bfl``, the ``.safetensors`` file to write (a folder gets
+      ``flux1.safetensors``); for ``diffusers``, the ``transformer/`` folder
+      (``config.json`` + weights; sharded past 10 GB, with an index).
+    layout: ``"bfl"`` or ``"diffusers"``.
+    config: required when ``model`` is not a module.
+    dtype: output dtype (default: the parameters' own).
+
+  Returns:
+    The paths written.
+  """
+  from leapalign_jax.convert.loading import export_tensors
+
+  if layout not in RULES:
+    raise ConversionError(
+      f"unknown layout {layout!r}; use 'bfl' or 'diffusers'"
+    )
+  config = config or getattr(model, "config", None)
+  if config is None:
+    raise ConversionError("export_flux needs config= when given bare params")
+  if layout == "bfl" and (
+    os.path.isdir(path) or not path.endswith(".safetensors")
+  ):
+    path = os.path.join(path, "flux1.safetensors")
+  return _write(
+    export_tensors(RULES[layout](config), model, dtype), path, layout, config
+  )
+
+
+def _write(tensors, path: str, layout: str, config: FluxConfig) -> list[str]:
+  """Writes source-layout tensors: one BFL file, or a diffusers folder."""
+  from leapalign_jax.convert.safetensors_io import (
+    save_file,
+    save_sharded,
+    write_json_atomic,
+  )
+
+  if layout == "bfl":
+    save_file(tensors, path, {"format": "pt"})
+    return [path]
+  files = save_sharded(tensors, path, metadata={"format": "pt"})
+  write_json_atomic(
+    os.path.join(path, "config.json"), diffusers_config_dict(config)
+  )
+  return [os.path.join(path, f) for f in files + ["config.json"]]
+
+
+def convert_flux(
+  src: str,
+  dst: str,
+  layout: str = "bfl",
+  dtype: str | None = None,
+  axes_dim: tuple[int, ...] | None = None,
+) -> list[str]:
+  """Converts a Flux checkpoint between layouts, streaming tensor by tensor.
+
+  Nothing is loaded onto a device and at most one tensor is in host memory
+  beyond the memory maps, so a 24 GB checkpoint converts on a laptop.
+  """
+  if layout not in RULES:
+    raise ConversionError(
+      f"unknown layout {layout!r}; use 'bfl' or 'diffusers'"
+    )
+  source, src_layout, dcfg = open_checkpoint(src)
+  if axes_dim is None and layout == "bfl" and not dcfg:
+    # Neither a BFL source nor a BFL output records axes_dim: any split of
+    # the head dim describes the same tensors.
+    arch = infer_arch(source, src_layout)
+    axes_dim = (arch["hidden_size"] // arch["num_heads"],)
+  config = infer_config(source, src_layout, dcfg, axes_dim)
+  rules = RULES[src_layout](config)
+  keymap.validate(rules, source, f"Flux ({src_layout} layout)")
+  stored = source.infos[rules[0].srcs[0].key].dtype
+  lazy = keymap.lazy_params(rules, source, dtype or stored)
+  return _write(keymap.export(RULES[layout](config), lazy), dst, layout, config)

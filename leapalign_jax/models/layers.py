@@ -1,0 +1,174 @@
+"""Building blocks shared by every model: dense layers, norms, activations.
+
+Parameters carry logical axis names (see docs/architecture.md); kernels are
+stored in ``param_dtype`` and cast to the compute ``dtype`` at use. Norm
+statistics are always computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+Names = tuple[str | None, ...]
+
+
+def as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
+  """Returns ``x`` as a tuple of ints."""
+  return (x,) if isinstance(x, int) else tuple(x)
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+  """Constrains an activation to the mesh axes its logical ``names`` map to.
+
+  A no-op unless logical-axis rules are active (``nnx.logical_axis_rules``,
+  set by ``leapalign_jax.sharding`` under a mesh), so models run unchanged on
+  one device.
+  """
+  rules = core_spmd.get_logical_axis_rules()
+  if not rules:
+    return x
+  spec = jax.sharding.PartitionSpec(
+    *core_spmd.from_sharding_rules(names, rules)
+  )
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def bcast(v: jax.Array, ndim: int) -> jax.Array:
+  """Prepends unit axes so ``v`` broadcasts against a rank-``ndim`` array."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def fan_in_normal(fan_in: int, scale: float = 1.0):
+  """Normal init with variance ``scale / fan_in`` (LeCun), any kernel rank."""
+
+  def init(key, shape, dtype=jnp.float32):
+    std = math.sqrt(scale / max(1, fan_in))
+    return std * jax.random.normal(key, shape, dtype)
+
+  return init
+
+
+class Linear(nnx.Module):
+  """A dense layer whose kernel is shaped ``(*in_shape, *out_shape)``.
+
+  The trailing ``len(in_shape)`` axes of the input are contracted. Storing
+  fused projections with their structure (e.g. ``(embed, 3, heads, head_dim)``
+  for qkv) lets the heads axis be sharded without resharding a fused axis.
+  """
+
+  def __init__(
+    self,
+    in_features: int | Sequence[int],
+    out_features: int | Sequence[int],
+    *,
+    kernel_axes: Names,
+    bias_axes: Names | None = None,
+    use_bias: bool = True,
+    zero_init: bool = False,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.in_shape = as_tuple(in_features)
+    self.out_shape = as_tuple(out_features)
+    shape = self.in_shape + self.out_shape
+    if len(kernel_axes) != len(shape):
+      raise ValueError(f"kernel_axes {kernel_axes} do not match shape {shape}")
+    self.dtype = dtype
+    if zero_init:
+      kernel = jnp.zeros(shape, param_dtype)
+    else:
+      init = fan_in_normal(math.prod(self.in_shape))
+      kernel = init(rngs.params(), shape, param_dtype)
+    self.kernel = nnx.Param(kernel, out_sharding=kernel_axes)
+    if use_bias:
+      if bias_axes is None:
+        bias_axes = kernel_axes[len(self.in_shape) :]
+      self.bias = nnx.Param(
+        jnp.zeros(self.out_shape, param_dtype), out_sharding=bias_axes
+      )
+    else:
+      self.bias = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_shape)
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    if self.bias is not None:
+      y = y + bcast(self.bias[...].astype(self.dtype), y.ndim)
+    return y
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters; statistics in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned scale applied after casting back (BFL order)."""
+
+  def __init__(
+    self,
+    dim: int,
+    *,
+    eps: float = 1e-6,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(
+      jnp.ones((dim,), param_dtype), out_sharding=("norm",)
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    rrms = jax.lax.rsqrt(
+      jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps
+    )
+    scale = bcast(self.scale[...].astype(x.dtype), x.ndim)
+    return (x32 * rrms).astype(x.dtype) * scale
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU with the tanh approximation (the DiT's activation)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's ``x * sigmoid(1.702 x)``."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+REMAT_POLICIES = ("none", "full", "dots", "names")
+
+
+def remat_policy(name: str):
+  """Maps a config remat name to a ``jax.checkpoint`` policy (None = no remat).
+
+  ``names`` saves the intermediates tagged with ``checkpoint_name`` in the
+  blocks (``qkv``, ``attn_out``, ``mlp_in``) and recomputes the rest.
+  """
+  policies = jax.checkpoint_policies
+  if name == "none":
+    return None
+  if name == "full":
+    return policies.nothing_saveable
+  if name == "dots":
+    return policies.dots_with_no_batch_dims_saveable
+  if name == "names":
+    return policies.save_only_these_names("qkv", "attn_out", "mlp_in")
+  raise ValueError(
+    f"unknown remat policy {name!r}; use one of {REMAT_POLICIES}"
+  )
