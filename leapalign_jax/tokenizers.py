@@ -1,0 +1,343 @@
+"""CPU-side CLIP (BPE) and T5 (sentencepiece) tokenizers, Flux-style padding.
+
+The tokenizers are transformers' fast tokenizers (no torch). Prompts are
+turned into int32 numpy arrays padded to a fixed length exactly as diffusers'
+`FluxPipeline` does (`padding="max_length"`, `truncation=True`): CLIP to 77
+tokens padded with `<|endoftext|>`, T5 to 512 (dev) or 256 (schnell) tokens
+padded with `<pad>` (id 0) after `</s>` (id 1). No attention masks: Flux
+attends to the padding.
+
+Sources:
+  * CLIP: a local HF folder (the `tokenizer/` folder of a Flux snapshot, or the
+    snapshot root), or, offline, the vendored OpenAI BPE merges file
+    `assets/bpe_simple_vocab_16e6.txt.gz`, from which the 49,408-token
+    vocabulary is rebuilt in memory.
+  * T5: a local HF folder (`tokenizer_2/` of a snapshot, or the root), or a
+    small sentencepiece unigram model trained with `train_t5_tokenizer` (the
+    digits world's T5 vocabulary).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import json
+import logging
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import transformers
+
+_LOG = logging.getLogger(__name__)
+
+CLIP_MAX_LENGTH = 77
+# FluxPipeline's `max_sequence_length` per variant.
+T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
+
+_BPE_PATH = (
+  pathlib.Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+)
+# The OpenAI vocabulary: 256 byte symbols, the same with `</w>`, the merges,
+# and the two special tokens: 49,408 entries in all.
+_NUM_MERGES = 49152 - 256 - 2
+_BOS = "<|startoftext|>"
+_EOS = "<|endoftext|>"
+
+
+def _byte_symbols() -> list[str]:
+  """The 256 printable stand-ins of byte-level BPE, in vocabulary order.
+
+  Bytes that are printable Latin-1 characters stand for themselves; the
+  others (controls, space, ...) are mapped, in byte order, to the code points
+  from 256 upwards. The vocabulary lists the printable ones first.
+  """
+  printable = [
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("¡"), ord("¬") + 1),
+    *range(ord("®"), ord("ÿ") + 1),
+  ]
+  others = [b for b in range(256) if b not in set(printable)]
+  code_points = printable + [256 + i for i in range(len(others))]
+  return [chr(c) for c in code_points]
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str]]]:
+  """Rebuilds the CLIP vocabulary (token -> id) and merges from the asset."""
+  with gzip.open(_BPE_PATH, "rt", encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  # Line 0 is a version header; the vocabulary uses the next _NUM_MERGES.
+  merges = tuple(tuple(line.split()) for line in lines[1 : 1 + _NUM_MERGES])
+  if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
+    raise ValueError(f"{_BPE_PATH}: malformed CLIP BPE merges file.")
+  symbols = _byte_symbols()
+  tokens = [
+    *symbols,
+    *(s + "</w>" for s in symbols),
+    *("".join(m) for m in merges),
+    _BOS,
+    _EOS,
+  ]
+  return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _resolve(path: str | os.PathLike, subfolder: str) -> pathlib.Path:
+  """Returns `path/subfolder` for a snapshot root, else `path` itself."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"Tokenizer folder not found: {path}")
+  sub = path / subfolder
+  return sub if sub.is_dir() else path
+
+
+def load_clip_tokenizer(
+  path: str | os.PathLike | None = None,
+) -> transformers.CLIPTokenizer:
+  """Loads the CLIP tokenizer from a local folder, or builds it offline.
+
+  Args:
+    path: a folder with an HF CLIP tokenizer (`vocab.json` + `merges.txt`, or
+      `tokenizer.json`), or a Flux snapshot root holding `tokenizer/`. If
+      None, the real OpenAI vocabulary is rebuilt from the vendored merges.
+
+  Returns:
+    A `CLIPTokenizer` with `model_max_length` 77 and `<|endoftext|>` padding.
+  """
+  if path is not None:
+    folder = _resolve(path, "tokenizer")
+    return transformers.CLIPTokenizer.from_pretrained(
+      str(folder), local_files_only=True
+    )
+  vocab, merges = _clip_vocab_and_merges()
+  return transformers.CLIPTokenizer(
+    vocab=dict(vocab),
+    merges=list(merges),
+    pad_token=_EOS,
+    model_max_length=CLIP_MAX_LENGTH,
+  )
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to a temporary sibling of `path`, then renames it."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def write_clip_vocab_files(out_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes the offline CLIP vocabulary as an HF `tokenizer/` folder.
+
+  The layout is that of a Flux snapshot's `tokenizer/` folder (`vocab.json`,
+  `merges.txt`, `tokenizer_config.json`), so `load_clip_tokenizer(out_dir)`
+  reads it back. Each file is written atomically.
+
+  Args:
+    out_dir: the folder to write (created if missing).
+
+  Returns:
+    The folder.
+  """
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  vocab, merges = _clip_vocab_and_merges()
+  config = {
+    "tokenizer_class": "CLIPTokenizer",
+    "model_max_length": CLIP_MAX_LENGTH,
+    "bos_token": _BOS,
+    "eos_token": _EOS,
+    "unk_token": _EOS,
+    "pad_token": _EOS,
+  }
+  merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+  _atomic_write(out / "vocab.json", json.dumps(vocab).encode())
+  _atomic_write(out / "merges.txt", merges_text.encode())
+  _atomic_write(
+    out / "tokenizer_config.json", json.dumps(config, indent=2).encode()
+  )
+  return out
+
+
+def load_t5_tokenizer(path: str | os.PathLike) -> transformers.T5TokenizerFast:
+  """Loads a T5 tokenizer from a local folder.
+
+  Args:
+    path: a folder with an HF T5 tokenizer (`tokenizer.json` and/or
+      `spiece.model`), or a Flux snapshot root holding `tokenizer_2/`.
+
+  Returns:
+    The tokenizer.
+
+  Raises:
+    ValueError: if the loaded vocabulary is empty (transformers 5 builds an
+      empty unigram model, mapping every word to `<unk>`, when it is handed a
+      model file it does not read).
+  """
+  folder = _resolve(path, "tokenizer_2")
+  tok = transformers.T5TokenizerFast.from_pretrained(
+    str(folder), local_files_only=True
+  )
+  _check_t5_vocab(tok, folder)
+  return tok
+
+
+def _check_t5_vocab(tok: transformers.T5TokenizerFast, folder) -> None:
+  """Raises if the tokenizer knows no piece besides its special tokens."""
+  special = set(tok.all_special_tokens) | {"▁"}
+  pieces = [
+    t
+    for t in tok.get_vocab()
+    if t not in special and not t.startswith("<extra_id_")
+  ]
+  if not pieces:
+    raise ValueError(
+      f"{folder}: T5 tokenizer has an empty vocabulary (every word maps to"
+      " <unk>); load the folder with from_pretrained, never"
+      " T5TokenizerFast(vocab_file=...)."
+    )
+
+
+def train_t5_tokenizer(
+  texts: Iterable[str],
+  out_dir: str | os.PathLike,
+  vocab_size: int = 256,
+  model_max_length: int = T5_MAX_LENGTH["dev"],
+  add_words: bool = True,
+) -> transformers.T5TokenizerFast:
+  """Trains a small sentencepiece unigram T5 tokenizer and saves it.
+
+  The special ids follow T5: `<pad>` 0, `</s>` 1, `<unk>` 2, no BOS and no
+  sentinel (`<extra_id_*>`) tokens. `vocab_size` is an upper bound: a small
+  corpus may yield fewer pieces. Training is deterministic for fixed texts.
+
+  Args:
+    texts: training sentences (e.g. every prompt of the digits world).
+    out_dir: folder to write (`spiece.model`, `tokenizer.json`,
+      `tokenizer_config.json`); `load_t5_tokenizer(out_dir)` reads it back.
+      Existing files of the same names are replaced atomically.
+    vocab_size: maximum number of pieces, special tokens included.
+    model_max_length: recorded in the tokenizer config.
+    add_words: also train on each distinct word once, as its own sentence.
+      On a tiny, repetitive corpus (the digits world's 1,250 prompts) the
+      unigram trainer otherwise keeps few whole words ("digit" becomes
+      "d ig it"); with them, every word of the corpus is one piece.
+
+  Returns:
+    The trained tokenizer, as loaded back from `out_dir`.
+  """
+  import sentencepiece as spm  # Only needed to train.
+
+  texts = [t for t in texts if t.strip()]
+  if not texts:
+    raise ValueError("train_t5_tokenizer needs at least one non-empty text.")
+  if add_words:
+    texts += sorted({w for t in texts for w in t.split()})
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(texts),
+    model_writer=model,
+    vocab_size=vocab_size,
+    model_type="unigram",
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    hard_vocab_limit=False,
+    character_coverage=1.0,
+    shuffle_input_sentence=False,
+    num_threads=1,
+    minloglevel=2,
+  )
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out, prefix=".t5tok.") as tmp:
+    (pathlib.Path(tmp) / "spiece.model").write_bytes(model.getvalue())
+    tok = transformers.T5TokenizerFast.from_pretrained(
+      tmp, extra_ids=0, model_max_length=model_max_length
+    )
+    tok.save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp)):
+      os.replace(pathlib.Path(tmp) / name, out / name)
+  return load_t5_tokenizer(out)
+
+
+def _tokenize(
+  tok: transformers.PreTrainedTokenizerBase,
+  prompts: Sequence[str],
+  max_length: int,
+  name: str,
+) -> np.ndarray:
+  """Pads/truncates like FluxPipeline; warns once if anything was cut."""
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  prompts = list(prompts)
+  if not prompts:
+    return np.zeros((0, max_length), np.int32)
+  ids = tok(
+    prompts,
+    padding="max_length",
+    max_length=max_length,
+    truncation=True,
+  )["input_ids"]
+  full = tok(prompts, padding=False, truncation=False, verbose=False)
+  lengths = [len(x) for x in full["input_ids"]]
+  over = [i for i, n in enumerate(lengths) if n > max_length]
+  if over:
+    _LOG.warning(
+      "%s: %d of %d prompts exceed %d tokens (longest %d) and were truncated;"
+      " first: %r",
+      name,
+      len(over),
+      len(prompts),
+      max_length,
+      max(lengths),
+      prompts[over[0]][:80],
+    )
+  return np.asarray(ids, dtype=np.int32).reshape(len(prompts), max_length)
+
+
+def tokenize_clip(
+  tok: transformers.PreTrainedTokenizerBase,
+  prompts: Sequence[str],
+  max_length: int = CLIP_MAX_LENGTH,
+) -> np.ndarray:
+  """CLIP ids as FluxPipeline computes them: `[BOS, ..., EOS, EOS pad...]`.
+
+  Args:
+    tok: a CLIP tokenizer (`load_clip_tokenizer`).
+    prompts: the prompts (a single string is treated as one prompt).
+    max_length: padded length (77 for Flux, HPSv2 and PickScore).
+
+  Returns:
+    int32 array [len(prompts), max_length]. Longer prompts are truncated to
+    `BOS + max_length - 2 tokens + EOS`, with one logged warning per call.
+  """
+  return _tokenize(tok, prompts, max_length, "tokenize_clip")
+
+
+def tokenize_t5(
+  tok: transformers.PreTrainedTokenizerBase,
+  prompts: Sequence[str],
+  max_length: int,
+) -> np.ndarray:
+  """T5 ids as FluxPipeline computes them: `[..., </s>, <pad>=0 ...]`.
+
+  Args:
+    tok: a T5 tokenizer (`load_t5_tokenizer` / `train_t5_tokenizer`).
+    prompts: the prompts (a single string is treated as one prompt).
+    max_length: padded length, `T5_MAX_LENGTH[variant]` for real Flux (512 dev,
+      256 schnell).
+
+  Returns:
+    int32 array [len(prompts), max_length]. Longer prompts are truncated to
+    `max_length - 1 tokens + </s>`, with one logged warning per call.
+  """
+  return _tokenize(tok, prompts, max_length, "tokenize_t5")

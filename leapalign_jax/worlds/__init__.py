@@ -1,0 +1,1 @@
+"""Embedded, offline worlds for end-to-end runs on a CPU."""
