@@ -1,0 +1,49 @@
+"""Registry of reward fine-tuning methods: ``get(name) -> Method``.
+
+Every method shares the interface of :mod:`leapalign_jax.methods.base`:
+``Method(loss_and_grad, sample_choice)`` over a :class:`Problem`.
+"""
+
+from leapalign_jax.methods import draft, drtune, full_bp, leapalign, refl
+from leapalign_jax.methods.base import (
+  REFERENCE_NUM_STEPS,
+  Method,
+  Problem,
+  scale_steps,
+)
+from leapalign_jax.methods.defaults import get_config as default_config
+
+_REGISTRY: dict[str, Method] = {
+  "leapalign": leapalign.METHOD,
+  "refl": refl.METHOD,
+  "draft_lv": draft.METHOD_LV,
+  "draft_k": draft.METHOD_K,
+  "drtune": drtune.METHOD,
+  "full_backprop": full_bp.METHOD,
+}
+
+
+def names() -> tuple[str, ...]:
+  """Registered method names."""
+  return tuple(_REGISTRY)
+
+
+def get(name: str) -> Method:
+  """The method registered under ``name``; ValueError lists valid names."""
+  try:
+    return _REGISTRY[name]
+  except KeyError:
+    raise ValueError(
+      f"Unknown method {name!r}; valid methods: {', '.join(names())}."
+    ) from None
+
+
+__all__ = [
+  "REFERENCE_NUM_STEPS",
+  "Method",
+  "Problem",
+  "default_config",
+  "get",
+  "names",
+  "scale_steps",
+]
