@@ -95,6 +95,10 @@ class Linear(nnx.Module):
       )
     else:
       self.bias = None
+    # Optional low-rank adapter (see models/lora.py): y += s * (x A) B.
+    self.lora_a = None
+    self.lora_b = None
+    self.lora_scale = 0.0
 
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_shape)
@@ -104,6 +108,12 @@ class Linear(nnx.Module):
     y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
     if self.bias is not None:
       y = y + bcast(self.bias[...].astype(self.dtype), y.ndim)
+    if self.lora_a is not None:
+      a = self.lora_a[...].astype(self.dtype)  # [*in_shape, r]
+      b = self.lora_b[...].astype(self.dtype)  # [r, *out_shape]
+      h = jax.lax.dot_general(x, a, (contract, ((), ())))
+      low = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+      y = y + self.lora_scale * low
     return y
 
 

@@ -1,0 +1,171 @@
+"""The training step: a pure function of explicit pytrees.
+
+``make_train_step`` closes over the static pieces (config, model graph, the
+method, the optimizer) and returns
+
+  ``step(state, frozen, batch, choice) -> (state, metrics)``
+
+state:  ``{params, ema, opt_state, step, rng}`` (trainable params only: the
+        full Flux, or its LoRA adapters), donated.
+frozen: ``{flux, vae, reward}`` parameter pytrees that receive no gradient
+        (``flux`` is the LoRA base, or empty for a full fine-tune).
+batch:  ``{t5, clip_pooled, reward_ids}`` for the global batch.
+choice: the method's host-drawn indices, traced int32 scalars.
+
+Inside: noise from ``fold_in(rng, step)`` → the method's rollout + gradient
+(methods/) → global-norm clip + AdamW → EMA. A non-finite loss or gradient
+leaves params, EMA and optimizer state untouched (the step counter still
+advances, so the next batch is a new one) and is reported in the metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from leapalign_jax import sampling
+from leapalign_jax.methods import base as methods_base
+
+
+class StepFns(NamedTuple):
+  """The model-facing pure functions the step closes over.
+
+  velocity: ``(params, frozen_flux, x_BLC, t_B, batch) -> v_BLC`` float32.
+  reward:   ``(frozen, x0_BLC, batch) -> r_B``; decode + reward, frozen.
+  """
+
+  velocity: Callable[..., jax.Array]
+  reward: Callable[..., jax.Array]
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW (constant LR, as the reference)."""
+  parts = []
+  if optim.clip_norm:
+    parts.append(optax.clip_by_global_norm(optim.clip_norm))
+  parts.append(
+    optax.adamw(
+      learning_rate=optim.lr,
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+    )
+  )
+  return optax.chain(*parts)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int):
+  """A fresh train state for ``params`` (EMA starts at the params)."""
+  key = jax.random.key(seed)
+  return {
+    "params": params,
+    "ema": jax.tree.map(jnp.copy, params),
+    "opt_state": tx.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "rng": jax.random.key_data(key),
+  }
+
+
+def latent_noise(key: jax.Array, batch: int, height: int, width: int):
+  """Packed Gaussian noise ``[B, (H/16)(W/16), 64]`` for an H×W image."""
+  return sampling.pack(sampling.get_noise(key, batch, height, width))
+
+
+def _select(pred: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _summary(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Scalar metrics from the method's per-sample aux."""
+  out = {}
+  r = aux["reward"].astype(jnp.float32)
+  out["train/reward"] = jnp.mean(r)
+  out["train/reward_std"] = jnp.std(r)
+  w = aux["w"].astype(jnp.float32)
+  out["leap/w_mean"], out["leap/w_min"], out["leap/w_max"] = (
+    jnp.mean(w),
+    jnp.min(w),
+    jnp.max(w),
+  )
+  for name, value in aux.items():
+    if name in ("reward", "w", "distances"):
+      continue
+    value = jnp.asarray(value)
+    out[f"leap/{name}"] = (
+      jnp.mean(value.astype(jnp.float32)) if value.ndim else value
+    )
+  return out
+
+
+def make_train_step(
+  config: ml_collections.ConfigDict,
+  fns: StepFns,
+  tx: optax.GradientTransformation,
+  sigmas: np.ndarray,
+) -> Callable:
+  """Builds the pure train step for ``config.method``.
+
+  Args:
+    config: the run config (``method``, ``loss``, ``leap``/baseline fields,
+      ``sampling.{height,width}``, ``optim.ema_decay``, ``debug``).
+    fns: velocity and reward functions.
+    tx: the optimizer.
+    sigmas: the training sigma grid ``[T + 1]`` (host array).
+  """
+  from leapalign_jax import methods
+
+  method = methods.get(config.method)
+  height, width = config.sampling.height, config.sampling.width
+  ema_decay = float(config.optim.ema_decay)
+  sigmas = np.asarray(sigmas, np.float32)
+  nan_steps = tuple(config.get("debug", {}).get("nan_at_steps", ()) or ())
+
+  def step(state, frozen, batch, choice):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    noise_key, method_key = jax.random.split(key)
+    batch_size = batch["t5"].shape[0]
+    problem = methods_base.Problem(
+      velocity=lambda p, x, t: fns.velocity(p, frozen["flux"], x, t, batch),
+      reward=lambda x0: fns.reward(frozen, x0, batch),
+      sigmas=jnp.asarray(sigmas),
+      noise=latent_noise(noise_key, batch_size, height, width),
+    )
+    params = state["params"]
+    loss, grads, aux = method.loss_and_grad(
+      params, problem, choice, method_key, config
+    )
+    if nan_steps:  # test-only hook: poison the gradient at given steps
+      poison = jnp.isin(state["step"], jnp.asarray(nan_steps))
+      grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_ema = jax.tree.map(
+      lambda e, p: e + (1.0 - ema_decay) * (p - e), state["ema"], new_params
+    )
+    new_state = {
+      "params": _select(finite, new_params, params),
+      "ema": _select(finite, new_ema, state["ema"]),
+      "opt_state": _select(finite, opt_state, state["opt_state"]),
+      "step": state["step"] + 1,
+      "rng": state["rng"],
+    }
+    metrics = {
+      "train/loss": loss,
+      "train/grad_norm": grad_norm,
+      "train/param_norm": optax.global_norm(new_state["params"]),
+      "train/update_norm": optax.global_norm(updates),
+      "train/finite": finite,
+      **_summary(aux),
+    }
+    return new_state, metrics
+
+  return step
