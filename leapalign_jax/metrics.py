@@ -1,0 +1,126 @@
+"""Metrics: JSON-lines + TensorBoard event files, clu aggregation, progress.
+
+Only process 0 writes. ``metrics.jsonl`` gets one line per logged step; on
+resume, lines past the restored step are dropped first, so an interrupted and
+resumed run has exactly the lines of an uninterrupted one (no gaps, no
+repeats).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metrics as clu_metrics
+
+JSONL = "metrics.jsonl"
+
+
+def _py(v: Any) -> Any:
+  """A JSON-friendly scalar."""
+  v = np.asarray(v)
+  if v.dtype == np.bool_:
+    return bool(v)
+  if np.issubdtype(v.dtype, np.integer):
+    return int(v)
+  f = float(v)
+  return f if math.isfinite(f) else str(f)
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Drops lines whose ``step`` is greater than ``last_step`` (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        kept.append(line)
+    except (ValueError, KeyError):
+      break  # a torn last line from a killed process
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Writer:
+  """JSONL + TensorBoard scalars (process 0 only; others are no-ops)."""
+
+  def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, JSONL)
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    truncate_jsonl(self.path, resume_step)
+    self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _py(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(record, sort_keys=True) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, step)
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_text(tag, text, step)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def average(records: list[Mapping[str, Any]]) -> dict[str, float]:
+  """Averages scalar records with ``clu.metrics.Average`` (NaN-safe names)."""
+  out = {}
+  for key in records[0]:
+    avg = None
+    for r in records:
+      m = clu_metrics.Average.from_model_output(np.asarray(r[key], np.float32))
+      avg = m if avg is None else avg.merge(m)
+    out[key] = float(avg.compute())
+  return out
+
+
+class StepTimer:
+  """Wall time per step and images/s, excluding the first (compile) step."""
+
+  def __init__(self, global_batch: int):
+    self.global_batch = global_batch
+    self.last = None
+
+  def tick(self) -> dict[str, float]:
+    now = time.perf_counter()
+    out = {}
+    if self.last is not None:
+      dt = now - self.last
+      out = {"perf/step_s": dt, "perf/images_per_s": self.global_batch / dt}
+    self.last = now
+    return out
