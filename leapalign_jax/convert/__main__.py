@@ -2,10 +2,13 @@
 
   python -m leapalign_jax.convert flux --src <file|dir> --dst <path> \
       [--layout bfl|diffusers] [--dtype bfloat16] [--axes-dim 16,56,56]
+  python -m leapalign_jax.convert vae --src <file|dir> --dst <path> \
+      [--layout bfl|diffusers] [--dtype bfloat16] [--norm-groups 32]
 
 Reads any supported layout (auto-detected) and writes the requested one, so
-the output loads with ``load_flux`` and with PyTorch tools (BFL/ComfyUI single
-files, diffusers folders). Errors print one line and exit with status 2.
+the output loads with ``load_flux`` / ``load_autoencoder`` and with PyTorch
+tools (BFL/ComfyUI single files, diffusers folders). Errors print one line
+and exit with status 2.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ def _flux(args) -> list[str]:
   return convert_flux(args.src, dst, args.layout, args.dtype, axes)
 
 
-COMMANDS = {"flux": _flux}
+def _vae(args) -> list[str]:
+  from leapalign_jax.convert.autoencoder import convert_autoencoder
+
+  return convert_autoencoder(
+    args.src, args.dst, args.layout, args.dtype, args.norm_groups
+  )
+
+
+COMMANDS = {"flux": _flux, "vae": _vae}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     default=None,
     help="RoPE axes split, e.g. 16,56,56; only needed to write a diffusers "
     "folder from a BFL file whose head dim is not 128",
+  )
+  parser.add_argument(
+    "--norm-groups",
+    type=int,
+    default=None,
+    help="vae: GroupNorm groups for a diffusers folder written from a BFL "
+    "file, which does not record them (default 32, Flux's)",
   )
   args = parser.parse_args(argv)
   try:

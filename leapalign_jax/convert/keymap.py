@@ -96,6 +96,22 @@ def conv2d() -> Transform:
   )
 
 
+def chain(*transforms: Transform) -> Transform:
+  """Applies ``transforms`` in order on load (and inverted in reverse)."""
+
+  def fwd(a):
+    for t in transforms:
+      a = t.fwd(a)
+    return a
+
+  def inv(a):
+    for t in reversed(transforms):
+      a = t.inv(a)
+    return a
+
+  return Transform(fwd, inv, "+".join(t.name for t in transforms))
+
+
 def swap_halves(then: Transform) -> Transform:
   """Swaps the two halves of axis 0 before ``then`` (self-inverse swap)."""
 

@@ -182,3 +182,103 @@ def remat_policy(name: str):
   raise ValueError(
     f"unknown remat policy {name!r}; use one of {REMAT_POLICIES}"
   )
+
+
+Padding2d = int | tuple[tuple[int, int], tuple[int, int]]
+
+
+class Conv2d(nnx.Module):
+  """A 2-D convolution over NHWC images with a ``[kh, kw, in, out]`` kernel.
+
+  ``padding`` is symmetric (an int) or explicit ``((top, bottom), (left,
+  right))``; explicit pairs express asymmetric zero padding inside the conv,
+  so no padded copy of the activation is materialised.
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding: Padding2d | None = None,
+    use_bias: bool = True,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    k = kernel_size
+    self.stride = stride
+    p = k // 2 if padding is None else padding
+    self.padding = ((p, p), (p, p)) if isinstance(p, int) else p
+    self.dtype = dtype
+    init = fan_in_normal(k * k * in_features)
+    self.kernel = nnx.Param(
+      init(rngs.params(), (k, k, in_features, out_features), param_dtype),
+      out_sharding=(None, None, "conv_in", "conv_out"),
+    )
+    self.bias = (
+      nnx.Param(
+        jnp.zeros((out_features,), param_dtype), out_sharding=("conv_out",)
+      )
+      if use_bias
+      else None
+    )
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    x_BHWC = x_BHWC.astype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+      x_BHWC,
+      self.kernel[...].astype(self.dtype),
+      window_strides=(self.stride, self.stride),
+      padding=self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    if self.bias is not None:
+      y = y + bcast(self.bias[...].astype(self.dtype), y.ndim)
+    return y
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm over channels-last inputs; statistics and affine in float32.
+
+  Groups are contiguous channel blocks (PyTorch's convention), and the
+  statistics pool every non-batch axis of a group.
+  """
+
+  def __init__(
+    self,
+    num_groups: int,
+    channels: int,
+    *,
+    eps: float = 1e-6,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    del rngs
+    if channels % num_groups:
+      raise ValueError(
+        f"GroupNorm: {channels} channels are not divisible into {num_groups}"
+        " groups; pick norm_groups that divides every channel count"
+      )
+    self.num_groups = num_groups
+    self.eps = eps
+    self.scale = nnx.Param(
+      jnp.ones((channels,), param_dtype), out_sharding=("norm",)
+    )
+    self.bias = nnx.Param(
+      jnp.zeros((channels,), param_dtype), out_sharding=("norm",)
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    G = self.num_groups
+    C = x.shape[-1]
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], G, C // G)
+    axes = (*range(1, x.ndim - 1), x.ndim)  # all but batch and group
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+    y = y * bcast(self.scale[...].astype(jnp.float32), y.ndim)
+    y = y + bcast(self.bias[...].astype(jnp.float32), y.ndim)
+    return y.astype(x.dtype)
