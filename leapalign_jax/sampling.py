@@ -135,12 +135,21 @@ def unpack(x_BLC: jax.Array, height: int, width: int) -> jax.Array:
   Returns:
     NHWC latent ``[B, 2⌈H/16⌉, 2⌈W/16⌉, C]``.
   """
+  return unpack_tokens(x_BLC, math.ceil(height / 16), math.ceil(width / 16))
+
+
+def unpack_tokens(x_BLC: jax.Array, h_tokens: int, w_tokens: int) -> jax.Array:
+  """Inverse of :func:`pack` for an ``h_tokens x w_tokens`` token grid.
+
+  Unlike :func:`unpack` it does not assume Flux's 8x autoencoder, so it also
+  serves smaller autoencoders (the digits world's 4x one).
+  """
   B, L, C4 = x_BLC.shape
-  h, w = math.ceil(height / 16), math.ceil(width / 16)
+  h, w = h_tokens, w_tokens
   if h * w != L or C4 % 4:
     raise ValueError(
-      f"Cannot unpack {x_BLC.shape} to a {height}x{width} image"
-      f" ({h}x{w} tokens of 4*C features expected)."
+      f"Cannot unpack {x_BLC.shape} to a {h}x{w} token grid"
+      " (4*C features per token expected)."
     )
   z = x_BLC.reshape(B, h, w, C4 // 4, 2, 2)  # b h w c ph pw
   z = z.transpose(0, 1, 4, 2, 5, 3)  # b h ph w pw c
