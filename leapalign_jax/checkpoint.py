@@ -20,7 +20,9 @@ class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for ``{state, meta}``."""
 
   def __init__(self, directory: str, max_to_keep: int = 3):
-    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    self.directory = (
+      os.path.abspath(directory) if "://" not in directory else directory
+    )
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(

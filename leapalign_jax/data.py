@@ -52,7 +52,9 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
     with open(path) as f:
       manifest = json.load(f)
   except (OSError, ValueError) as e:
-    raise CacheError(f"{path}: unreadable manifest ({e}); delete the cache") from None
+    raise CacheError(
+      f"{path}: unreadable manifest ({e}); delete the cache"
+    ) from None
   if manifest.get("version") != FORMAT_VERSION:
     raise CacheError(
       f"{path}: cache format {manifest.get('version')} is not "

@@ -16,13 +16,17 @@ def to_uint8(images_BHWC: np.ndarray) -> np.ndarray:
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def grid(images_BHWC: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+def grid(
+  images_BHWC: np.ndarray, cols: int | None = None, pad: int = 2
+) -> np.ndarray:
   """Tiles a batch into one uint8 image with ``pad`` pixels of grey between."""
   imgs = to_uint8(images_BHWC)
   n, h, w, c = imgs.shape
   cols = cols or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
-  out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8)
+  out = np.full(
+    (rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8
+  )
   for i, img in enumerate(imgs):
     r, q = divmod(i, cols)
     y, x = pad + r * (h + pad), pad + q * (w + pad)
@@ -49,7 +53,9 @@ def save_png(image_HWC: np.ndarray, path: str, scale: int = 1) -> str:
   return path
 
 
-def save_grid(images_BHWC: np.ndarray, path: str, cols: int | None = None) -> str:
+def save_grid(
+  images_BHWC: np.ndarray, path: str, cols: int | None = None
+) -> str:
   """Saves a grid PNG; tiles smaller than 128 px are upscaled for viewing."""
   h = np.asarray(images_BHWC).shape[1]
   scale = max(1, 128 // h)

@@ -18,14 +18,19 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   "config", None, "Path to a configs/*.py file.", lock_config=True
 )
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go.")
+flags.DEFINE_string(
+  "workdir", None, "Where checkpoints, metrics and images go."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _multi_process() -> bool:
   """True on a multi-host TPU slice or a multi-process GPU job."""
   env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+  if (
+    env.get("JAX_COORDINATOR_ADDRESS")
+    or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
+  ):
     return True
   if int(env.get("SLURM_NTASKS", "1")) > 1:
     return True

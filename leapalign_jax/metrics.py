@@ -60,7 +60,9 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 class Writer:
   """JSONL + TensorBoard scalars (process 0 only; others are no-ops)."""
 
-  def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+  def __init__(
+    self, workdir: str, resume_step: int = 0, tensorboard: bool = True
+  ):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, JSONL)
     self._tb = None
@@ -72,7 +74,9 @@ class Writer:
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1
+      )
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -82,7 +86,11 @@ class Writer:
     self._file.flush()
     if self._tb is not None:
       for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if (
+          k != "step"
+          and isinstance(v, (int, float))
+          and not isinstance(v, bool)
+        ):
           self._tb.add_scalar(k, v, step)
 
   def write_text(self, step: int, tag: str, text: str) -> None:

@@ -66,7 +66,9 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+  shape: Sequence[int], devices: Sequence[Any] | None = None
+) -> Mesh:
   """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all).
 
   Axes are ``Auto``: XLA's sharding propagation fills in intermediate
@@ -132,8 +134,6 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   }
 
 
-def create_sharded(
-  init: Callable[[], Any], shardings: Any
-) -> Any:
+def create_sharded(init: Callable[[], Any], shardings: Any) -> Any:
   """Runs ``init`` under jit with ``out_shardings``: never a full host copy."""
   return jax.jit(init, out_shardings=shardings)()

@@ -44,7 +44,9 @@ class StepFns(NamedTuple):
   reward: Callable[..., jax.Array]
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(
+  optim: ml_collections.ConfigDict,
+) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW (constant LR, as the reference)."""
   parts = []
   if optim.clip_norm:
@@ -128,7 +130,9 @@ def make_train_step(
   nan_steps = tuple(config.get("debug", {}).get("nan_at_steps", ()) or ())
 
   def step(state, frozen, batch, choice):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    key = jax.random.fold_in(
+      jax.random.wrap_key_data(state["rng"]), state["step"]
+    )
     noise_key, method_key = jax.random.split(key)
     batch_size = batch["t5"].shape[0]
     problem = methods_base.Problem(

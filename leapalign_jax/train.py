@@ -36,9 +36,16 @@ class NonFiniteError(RuntimeError):
 
 # Config fields that may differ between two runs sharing a workdir (a resume
 # with a longer schedule, more logging, ...).
-RESUMABLE_FIELDS = ("train.num_steps", "train.overwrite", "train.log_every_steps",
-                    "train.ckpt_every_steps", "train.sample_every_steps",
-                    "train.keep_checkpoints", "debug", "eval")
+RESUMABLE_FIELDS = (
+  "train.num_steps",
+  "train.overwrite",
+  "train.log_every_steps",
+  "train.ckpt_every_steps",
+  "train.sample_every_steps",
+  "train.keep_checkpoints",
+  "debug",
+  "eval",
+)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -78,7 +85,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
       for k, v in _flatten(old).items()
       if not any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
     }
-    diff = sorted(k for k in set(new) | set(old_fp) if new.get(k) != old_fp.get(k))
+    diff = sorted(
+      k for k in set(new) | set(old_fp) if new.get(k) != old_fp.get(k)
+    )
     if diff:
       if not config.train.overwrite:
         shown = ", ".join(
@@ -91,7 +100,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         )
       if jax.process_index() == 0:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for name in ("checkpoints", "metrics.jsonl", "tensorboard", "config.json"):
+        for name in (
+          "checkpoints",
+          "metrics.jsonl",
+          "tensorboard",
+          "config.json",
+        ):
           p = os.path.join(workdir, name)
           if os.path.exists(p):
             os.replace(p, f"{p}.old-{stamp}")
@@ -127,7 +141,9 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def host_choice(config, method, step: int, sigmas: np.ndarray) -> dict[str, int]:
+def host_choice(
+  config, method, step: int, sigmas: np.ndarray
+) -> dict[str, int]:
   """The method's host-side draws for ``step``: a pure function of the seed."""
   rng = np.random.default_rng((config.seed, 114, step))
   return method.sample_choice(rng, len(sigmas) - 1, config, sigmas)
@@ -215,9 +231,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.warning(
           "step %d: non-finite loss/gradient (loss=%s, reward=%s, choice=%s);"
           " update skipped (%d in a row)",
-          step, m["train/loss"], m["train/reward"], choice, meta["nonfinite_run"],
+          step,
+          m["train/loss"],
+          m["train/reward"],
+          choice,
+          meta["nonfinite_run"],
         )
-      record = {**m, **timer.tick(), **{f"choice/{k}": v for k, v in choice.items()}}
+      record = {
+        **m,
+        **timer.tick(),
+        **{f"choice/{k}": v for k, v in choice.items()},
+      }
       record["train/nonfinite_total"] = meta["nonfinite_total"]
       if step % config.train.log_every_steps == 0 or step == num_steps:
         writer.write(step, record)
@@ -233,7 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
       if step % config.train.ckpt_every_steps == 0 or step == num_steps:
         save(step)
-      if config.train.sample_every_steps and step % config.train.sample_every_steps == 0:
+      if (
+        config.train.sample_every_steps
+        and step % config.train.sample_every_steps == 0
+      ):
         comps.sample_grid(state, step, workdir)
   progress.close()
   save(step)
@@ -259,14 +286,17 @@ def _progress(start: int, total: int):
       if jax.process_index() == 0:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+          total=total, initial=start, unit="step", dynamic_ncols=True
+        )
 
     def update(self, step, record):
       if self.bar is None:
         return
       self.bar.n = step
       self.bar.set_postfix(
-        loss=f"{record['train/loss']:.4f}", reward=f"{record['train/reward']:.4f}",
+        loss=f"{record['train/loss']:.4f}",
+        reward=f"{record['train/reward']:.4f}",
         refresh=False,
       )
       self.bar.refresh()

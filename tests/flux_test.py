@@ -86,7 +86,9 @@ def test_bf16_compute_keeps_fp32_params_and_output():
 
 
 def test_every_param_has_logical_names_and_stacked_axis():
-  model = nnx.eval_shape(lambda: flux.Flux(flux.VARIANTS["dev"], rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: flux.Flux(flux.VARIANTS["dev"], rngs=nnx.Rngs(0))
+  )
   state = nnx.state(model, nnx.Param)
   specs = nnx.get_partition_spec(state)
   flat_specs = dict(nnx.to_flat_state(specs))

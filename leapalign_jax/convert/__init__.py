@@ -1,21 +1,28 @@
 """Weight conversion between PyTorch checkpoints and our Flax NNX models.
 
 ``load_flux`` / ``export_flux`` for the transformer, ``load_autoencoder`` /
-``export_autoencoder`` for its autoencoder; errors are always a
-``ConversionError`` with a one-line message.
+``export_autoencoder`` for its autoencoder, ``load_clip`` / ``export_clip``
+for the CLIP towers, ``load_t5`` / ``export_t5`` for the T5 encoder; errors
+are always a ``ConversionError`` with a one-line message.
 """
 
 from leapalign_jax.convert.autoencoder import (
   export_autoencoder,
   load_autoencoder,
 )
+from leapalign_jax.convert.clip import export_clip, load_clip
 from leapalign_jax.convert.errors import ConversionError
 from leapalign_jax.convert.flux import export_flux, load_flux
+from leapalign_jax.convert.t5 import export_t5, load_t5
 
 __all__ = [
   "ConversionError",
   "export_autoencoder",
+  "export_clip",
   "export_flux",
+  "export_t5",
   "load_autoencoder",
+  "load_clip",
   "load_flux",
+  "load_t5",
 ]

@@ -4,11 +4,16 @@
       [--layout bfl|diffusers] [--dtype bfloat16] [--axes-dim 16,56,56]
   python -m leapalign_jax.convert vae --src <file|dir> --dst <path> \
       [--layout bfl|diffusers] [--dtype bfloat16] [--norm-groups 32]
+  python -m leapalign_jax.convert clip --src <file|dir> --dst <path> \
+      [--layout hf|openclip] [--dtype bfloat16] [--towers text,vision]
+  python -m leapalign_jax.convert t5 --src <file|dir> --dst <dir> \
+      [--dtype bfloat16]
 
 Reads any supported layout (auto-detected) and writes the requested one, so
-the output loads with ``load_flux`` / ``load_autoencoder`` and with PyTorch
-tools (BFL/ComfyUI single files, diffusers folders). Errors print one line
-and exit with status 2.
+the output loads with ``load_flux`` / ``load_autoencoder`` / ``load_clip`` /
+``load_t5`` and with PyTorch tools (BFL/ComfyUI single files, diffusers and
+transformers folders, OpenCLIP state dicts). Errors print one line and exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -40,7 +45,29 @@ def _vae(args) -> list[str]:
   )
 
 
-COMMANDS = {"flux": _flux, "vae": _vae}
+def _clip(args) -> list[str]:
+  from leapalign_jax.convert.clip import convert_clip
+
+  towers = tuple(args.towers.split(",")) if args.towers else None
+  return convert_clip(
+    args.src, args.dst, args.layout, args.dtype, towers=towers
+  )
+
+
+def _t5(args) -> list[str]:
+  from leapalign_jax.convert.t5 import convert_t5
+
+  return convert_t5(args.src, args.dst, args.dtype)
+
+
+COMMANDS = {"flux": _flux, "vae": _vae, "clip": _clip, "t5": _t5}
+# Output layouts per model; the first is the default.
+LAYOUTS = {
+  "flux": ("bfl", "diffusers"),
+  "vae": ("bfl", "diffusers"),
+  "clip": ("hf", "openclip"),
+  "t5": ("hf",),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dst", required=True, help="output file or folder")
   parser.add_argument(
     "--layout",
-    default="bfl",
-    choices=["bfl", "diffusers"],
-    help="output layout (default: bfl single file)",
+    default=None,
+    choices=sorted({x for v in LAYOUTS.values() for x in v}),
+    help="output layout (default: flux/vae bfl single file, clip/t5 hf folder)",
   )
   parser.add_argument(
     "--dtype",
@@ -76,7 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     help="vae: GroupNorm groups for a diffusers folder written from a BFL "
     "file, which does not record them (default 32, Flux's)",
   )
+  parser.add_argument(
+    "--towers",
+    default=None,
+    help="clip: comma-separated towers to convert (default: all present)",
+  )
   args = parser.parse_args(argv)
+  layouts = LAYOUTS[args.model]
+  args.layout = args.layout or layouts[0]
+  if args.layout not in layouts:
+    parser.error(f"{args.model} writes --layout {' or '.join(layouts)}")
   try:
     written = COMMANDS[args.model](args)
   except ConversionError as e:

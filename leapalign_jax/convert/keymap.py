@@ -41,6 +41,8 @@ class Src:
     return stop - self.start
 
   def index(self) -> tuple[slice, ...]:
+    if not self.shape:  # a scalar (e.g. CLIP's logit_scale): no axis to slice
+      return ()
     idx = [slice(None)] * len(self.shape)
     idx[self.axis] = slice(self.start, self.stop)
     return tuple(idx)
@@ -274,8 +276,11 @@ def export(
         param = params[rule.target]
         value = param if rule.layer is None else param[rule.layer]
         full = rule.transform.inv(np.asarray(value))
-        sizes = np.cumsum([s.size for s in rule.srcs])[:-1]
-        piece = np.split(full, sizes, axis=rule.srcs[i].axis)[i]
+        if len(rule.srcs) == 1:
+          piece = full
+        else:
+          sizes = np.cumsum([s.size for s in rule.srcs])[:-1]
+          piece = np.split(full, sizes, axis=rule.srcs[i].axis)[i]
         buf[rule.srcs[i].index()] = piece.astype(np_dtype)
       return buf
 

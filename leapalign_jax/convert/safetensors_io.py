@@ -166,10 +166,14 @@ class TensorSource(Mapping[str, np.ndarray]):
   def shape(self, name: str) -> tuple[int, ...]:
     return self.infos[name].shape
 
-  def renamed(self, fn: Callable[[str], str]) -> TensorSource:
-    """A view with every key passed through ``fn`` (e.g. strip a prefix)."""
+  def renamed(self, fn: Callable[[str], str | None]) -> TensorSource:
+    """A view with every key passed through ``fn`` (e.g. strip a prefix).
+
+    Keys that ``fn`` maps to None are left out of the view.
+    """
+    renamed = ((fn(k), v) for k, v in self.infos.items())
     out = TensorSource(
-      {fn(k): v for k, v in self.infos.items()}, self.description
+      {k: v for k, v in renamed if k is not None}, self.description
     )
     out._maps = self._maps
     return out
@@ -230,7 +234,8 @@ def save_file(
         value = tensors[name]
         shape, dtype = _describe(value)
         arr = value.fn() if isinstance(value, LazyTensor) else value
-        arr = np.ascontiguousarray(np.asarray(arr))
+        # asarray(order="C"), unlike ascontiguousarray, keeps 0-d scalars.
+        arr = np.asarray(arr, order="C")
         if arr.shape != shape or arr.dtype != dtype:
           raise ConversionError(
             f"cannot write {name!r}: produced {arr.dtype}{arr.shape}, "

@@ -8,7 +8,7 @@ statistics are always computed in float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,8 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 
 Names = tuple[str | None, ...]
+# Logical names of [batch, length, embed] activations at block boundaries.
+ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
 
 
 def as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
@@ -117,12 +119,73 @@ class Linear(nnx.Module):
     return y
 
 
+class Embed(nnx.Module):
+  """A ``[num_embeddings, features]`` lookup table (token embeddings).
+
+  Rows are gathered first and cast to the compute ``dtype`` afterwards, so a
+  large table is never cast as a whole.
+  """
+
+  def __init__(
+    self,
+    num_embeddings: int,
+    features: int,
+    *,
+    axes: Names = ("vocab", "embed"),
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.dtype = dtype
+    table = jax.random.normal(
+      rngs.params(), (num_embeddings, features), param_dtype
+    )
+    self.embedding = nnx.Param(0.02 * table, out_sharding=axes)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """LayerNorm without affine parameters; statistics in float32."""
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with a learned scale and bias; statistics and affine in fp32.
+
+  The result is cast back to the input dtype once, after the affine, which is
+  what PyTorch's fused LayerNorm kernels do for bf16 inputs.
+  """
+
+  def __init__(
+    self,
+    dim: int,
+    *,
+    eps: float = 1e-5,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(
+      jnp.ones((dim,), param_dtype), out_sharding=("norm",)
+    )
+    self.bias = nnx.Param(
+      jnp.zeros((dim,), param_dtype), out_sharding=("norm",)
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    scale = bcast(self.scale[...].astype(jnp.float32), x.ndim)
+    bias = bcast(self.bias[...].astype(jnp.float32), x.ndim)
+    return (y * scale + bias).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -159,6 +222,56 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 def quick_gelu(x: jax.Array) -> jax.Array:
   """OpenAI CLIP's ``x * sigmoid(1.702 x)``."""
   return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU: OpenCLIP's and HF ``"gelu"``."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def stack_layers(
+  make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
+) -> nnx.Module:
+  """Builds ``n`` identical modules with parameters stacked on a ``layers`` axis."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(
+    in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+  )
+  def build(r):
+    return make(r)
+
+  return build(rngs)
+
+
+def run_layers(
+  layers: nnx.Module,
+  carry,
+  call: Callable,
+  *,
+  remat: str = "none",
+  scan: bool = True,
+):
+  """Threads ``carry`` through stacked ``layers``: ``call(layer, carry)``.
+
+  Each layer step is wrapped in ``jax.checkpoint`` with the ``remat`` policy;
+  ``scan=False`` unrolls a Python loop (same numerics, for debugging).
+  """
+  graphdef, state = nnx.split(layers)
+
+  def body(c, layer_state):
+    return call(nnx.merge(graphdef, layer_state), c), None
+
+  policy = remat_policy(remat)
+  if policy is not None:
+    body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
+  if scan:
+    carry, _ = jax.lax.scan(body, carry, state)
+    return carry
+  n = jax.tree.leaves(state)[0].shape[0]
+  for i in range(n):
+    carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], state))
+  return carry
 
 
 REMAT_POLICIES = ("none", "full", "dots", "names")

@@ -39,7 +39,8 @@ def lora_targets(model: nnx.Module, targets: Sequence[str]) -> list[str]:
   return [
     module_path(path)
     for path, m in model.iter_modules()
-    if isinstance(m, Linear) and any(p.fullmatch(module_path(path)) for p in patterns)
+    if isinstance(m, Linear)
+    and any(p.fullmatch(module_path(path)) for p in patterns)
   ]
 
 
@@ -63,7 +64,9 @@ def add_lora(
   adapted = []
   for path, m in list(model.iter_modules()):
     name = module_path(path)
-    if not isinstance(m, Linear) or not any(p.fullmatch(name) for p in patterns):
+    if not isinstance(m, Linear) or not any(
+      p.fullmatch(name) for p in patterns
+    ):
       continue
     kernel = m.kernel[...]
     lead = kernel.shape[: kernel.ndim - len(m.in_shape) - len(m.out_shape)]
