@@ -40,6 +40,7 @@ class CacheError(ValueError):
 
 
 def shard_name(i: int) -> str:
+  """File name of shard ``i``."""
   return f"shard-{i:05d}.safetensors"
 
 

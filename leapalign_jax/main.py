@@ -39,6 +39,7 @@ def _multi_process() -> bool:
 
 
 def main(argv):
+  """Initialises JAX (distributed when needed) and runs the training."""
   del argv
   import jax
 

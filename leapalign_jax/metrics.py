@@ -53,6 +53,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """All records of a JSON-lines file."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 

@@ -103,6 +103,7 @@ def logical_to_mesh(tree: Any, mesh: Mesh, rules) -> Any:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array."""
   return NamedSharding(mesh, PartitionSpec())
 
 
@@ -112,6 +113,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 
 def batch_size_per_device_group(mesh: Mesh) -> int:
+  """Number of (data, fsdp) device groups the batch is split over."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
@@ -137,3 +139,58 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 def create_sharded(init: Callable[[], Any], shardings: Any) -> Any:
   """Runs ``init`` under jit with ``out_shardings``: never a full host copy."""
   return jax.jit(init, out_shardings=shardings)()
+
+
+def state_shardings(tx, abstract_state: Any, param_shardings: Any, mesh: Mesh):
+  """Shardings for ``{params, ema, opt_state, step, rng}``.
+
+  EMA and every optimizer leaf that mirrors a parameter (Adam's moments)
+  take that parameter's sharding; counters and keys are replicated.
+  """
+  import optax
+
+  rep = replicated(mesh)
+  opt = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    abstract_state["opt_state"],
+    param_shardings,
+    transform_non_params=lambda _: rep,
+  )
+  return {
+    "params": param_shardings,
+    "ema": param_shardings,
+    "opt_state": opt,
+    "step": rep,
+    "rng": rep,
+  }
+
+
+def put_global(
+  batch: dict[str, np.ndarray], mesh: Mesh
+) -> dict[str, jax.Array]:
+  """Global arrays from a batch every host holds in full.
+
+  Batch-sharded when the leading axis divides the data x fsdp groups,
+  replicated otherwise (evaluation batches of any size).
+  """
+  groups = batch_size_per_device_group(mesh)
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    s = (
+      batch_sharding(mesh, v.ndim)
+      if v.shape[0] % groups == 0
+      else replicated(mesh)
+    )
+    out[k] = jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
+  return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as one numpy array on every host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -29,7 +29,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from leapalign_jax import sampling
 from leapalign_jax.methods import base as methods_base
 
 
@@ -38,10 +37,12 @@ class StepFns(NamedTuple):
 
   velocity: ``(params, frozen_flux, x_BLC, t_B, batch) -> v_BLC`` float32.
   reward:   ``(frozen, x0_BLC, batch) -> r_B``; decode + reward, frozen.
+  noise:    ``(key, batch_size) -> x1_BLC``; packed latent noise.
   """
 
   velocity: Callable[..., jax.Array]
   reward: Callable[..., jax.Array]
+  noise: Callable[[jax.Array, int], jax.Array]
 
 
 def make_optimizer(
@@ -73,11 +74,6 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int):
     "step": jnp.zeros((), jnp.int32),
     "rng": jax.random.key_data(key),
   }
-
-
-def latent_noise(key: jax.Array, batch: int, height: int, width: int):
-  """Packed Gaussian noise ``[B, (H/16)(W/16), 64]`` for an H×W image."""
-  return sampling.pack(sampling.get_noise(key, batch, height, width))
 
 
 def _select(pred: jax.Array, new: Any, old: Any) -> Any:
@@ -116,15 +112,14 @@ def make_train_step(
 
   Args:
     config: the run config (``method``, ``loss``, ``leap``/baseline fields,
-      ``sampling.{height,width}``, ``optim.ema_decay``, ``debug``).
-    fns: velocity and reward functions.
+      ``optim.ema_decay``, ``debug``).
+    fns: velocity, reward and noise functions.
     tx: the optimizer.
     sigmas: the training sigma grid ``[T + 1]`` (host array).
   """
   from leapalign_jax import methods
 
   method = methods.get(config.method)
-  height, width = config.sampling.height, config.sampling.width
   ema_decay = float(config.optim.ema_decay)
   sigmas = np.asarray(sigmas, np.float32)
   nan_steps = tuple(config.get("debug", {}).get("nan_at_steps", ()) or ())
@@ -139,7 +134,7 @@ def make_train_step(
       velocity=lambda p, x, t: fns.velocity(p, frozen["flux"], x, t, batch),
       reward=lambda x0: fns.reward(frozen, x0, batch),
       sigmas=jnp.asarray(sigmas),
-      noise=latent_noise(noise_key, batch_size, height, width),
+      noise=fns.noise(noise_key, batch_size),
     )
     params = state["params"]
     loss, grads, aux = method.loss_and_grad(

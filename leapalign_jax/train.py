@@ -150,6 +150,7 @@ def host_choice(
 
 
 def batch_arithmetic(global_batch: int, mesh) -> str:
+  """One line: the batch per host, per device group, and the mesh."""
   per_host = global_batch // jax.process_count()
   groups = sharding.batch_size_per_device_group(mesh)
   return (

@@ -45,12 +45,15 @@ def load_model(
     source: a validated ``TensorSource``.
     param_dtype: dtype the parameters are stored in.
     shardings: None (default device), one ``jax.sharding.Sharding`` for every
-      parameter, or a pytree of shardings matching the Param state / its pure
-      dict (e.g. from ``leapalign_jax.sharding``).
+      parameter, a pytree of shardings matching the Param state / its pure
+      dict, or a function of the abstract Param state returning one (e.g.
+      ``lambda s: sharding.logical_to_mesh(s, mesh, rules)``).
   """
   graphdef, params = abstract_model(ctor)
   abstract = flat_params(params)
   flat_shardings = None
+  if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+    shardings = shardings(params)  # e.g. logical rules over the abstract state
   if isinstance(shardings, jax.sharding.Sharding):
     flat_shardings = dict.fromkeys(abstract, shardings)
   elif shardings is not None:

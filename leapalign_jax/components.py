@@ -1,0 +1,371 @@
+"""Builds a run's models and pure functions from its config.
+
+``load(config, mesh)`` reads the Flux transformer, its autoencoder and the
+reward models from their checkpoint files (through the converters), places
+them on the mesh, adds LoRA adapters when configured, opens the prompt
+caches and returns a ``Components`` bundle: the trainable Flux parameters,
+the frozen pytrees, and the pure velocity / reward / noise functions the
+train step, the sampler and the evaluation share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from leapalign_jax import data, sampling, sharding
+from leapalign_jax import step as step_lib
+
+
+class ConfigError(ValueError):
+  """A config names a missing file or an impossible combination."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Image and latent sizes of a run (the autoencoder fixes the factor)."""
+
+  height: int
+  width: int
+  latent_h: int
+  latent_w: int
+  channels: int
+
+  @property
+  def tokens(self) -> tuple[int, int]:
+    return self.latent_h // 2, self.latent_w // 2
+
+  @property
+  def seq_len(self) -> int:
+    h, w = self.tokens
+    return h * w
+
+
+def prepare_world(config: ml_collections.ConfigDict, workdir: str):
+  """Builds the world's artefacts if the config names one; returns the config.
+
+  ``digits`` and ``random`` worlds write their models and prompt caches under
+  the workdir (skipping what exists) and fill in the paths.
+  """
+  if config.world == "digits":
+    from leapalign_jax.worlds import digits_pipeline
+
+    return digits_pipeline.prepare(config, workdir)
+  if config.world == "random":
+    from leapalign_jax.worlds import random_world
+
+    return random_world.prepare(config, workdir)
+  if config.world:
+    raise ConfigError(
+      f"unknown world {config.world!r}; use '', 'digits' or 'random'"
+    )
+  for field in ("flux.path", "vae.path", "data.train_cache"):
+    section, key = field.split(".")
+    path = config[section][key]
+    if not path:
+      raise ConfigError(
+        f"config.{field} is empty; point it at your checkpoint/cache"
+      )
+    if "://" not in path and not os.path.exists(path):
+      raise ConfigError(f"config.{field}: {path} does not exist")
+  return config
+
+
+def _place(tree, mesh, rules, shard: bool):
+  if shard:
+    shardings = sharding.logical_to_mesh(tree, mesh, rules)
+  else:
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), tree)
+  return jax.device_put(tree, shardings)
+
+
+@dataclasses.dataclass
+class Components:
+  """Everything the loop, sampler and evaluation need (see module doc)."""
+
+  config: ml_collections.ConfigDict
+  mesh: Any
+  flux_config: Any
+  graphdef: Any
+  params: Any  # initial trainable params (sharded); copied into the state
+  frozen: dict[str, Any]
+  step_fns: step_lib.StepFns
+  sigmas: np.ndarray
+  geometry: Geometry
+  train_cache: data.PromptCache
+  eval_cache: data.PromptCache | None
+  decode: Any  # (vae_params, z_BHWC) -> images in [-1, 1]
+  reward: Any  # rewards.Reward: .score / .score_each / .names
+  lora_paths: tuple[str, ...] = ()
+
+  # --- state --------------------------------------------------------------
+
+  def init_state(self, tx):
+    """A fresh train state, created sharded like the params."""
+    out = jax.tree.map(lambda a: a.sharding, self.abstract_state(tx))
+    seed = self.config.seed
+    # Copy the params: the state is donated to the step, these are not.
+    return jax.jit(
+      lambda p: step_lib.init_state(jax.tree.map(jnp.copy, p), tx, seed),
+      out_shardings=out,
+    )(self.params)
+
+  def abstract_state(self, tx):
+    """Shapes and shardings of the train state (for restoring)."""
+    shardings = jax.tree.map(lambda x: x.sharding, self.params)
+    abstract = jax.eval_shape(
+      lambda p: step_lib.init_state(p, tx, self.config.seed), self.params
+    )
+    out = sharding.state_shardings(tx, abstract, shardings, self.mesh)
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract,
+      out,
+    )
+
+  def reward_each(self, reward_params, images, ids) -> dict[str, jax.Array]:
+    """Every configured reward separately, ``{name: r_B}`` (evaluation)."""
+    return self.reward.score_each(reward_params, images, ids)
+
+  def log_parameter_overview(self, state) -> None:
+    from clu import parameter_overview
+
+    tree = (
+      nnx.to_pure_dict(state["params"])
+      if isinstance(state["params"], nnx.State)
+      else state["params"]
+    )
+    logging.info(
+      "trainable parameters (%s):\n%s",
+      "LoRA" if self.lora_paths else "full fine-tune",
+      parameter_overview.get_parameter_overview(tree, include_stats=False),
+    )
+
+  # --- data ---------------------------------------------------------------
+
+  def train_batches(self):
+    per_host = self.config.data.global_batch // jax.process_count()
+    return data.batches(
+      self.train_cache,
+      per_host,
+      seed=self.config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+
+  @staticmethod
+  def batch_to_arrays(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(element[k]) for k in data.FIELDS}
+
+  # --- models -------------------------------------------------------------
+
+  def flux_model(self, params):
+    frozen = self.frozen["flux"]
+    states = (params,) if frozen is None else (params, frozen)
+    return nnx.merge(self.graphdef, *states)
+
+  def sample_fn(self, num_steps: int):
+    """Jitted ``(params, frozen, batch, keys [B, 2]) -> images [B, H, W, 3]``."""
+    sigmas = jnp.asarray(self.sigma_grid(num_steps))
+    fns = self.step_fns
+
+    @jax.jit
+    def sample(params, frozen, batch, keys):
+      # One key per image: its noise does not depend on the batch.
+      x1 = jax.vmap(lambda k: fns.noise(jax.random.wrap_key_data(k), 1)[0])(
+        keys
+      )
+
+      def velocity(p, x, t):
+        return fns.velocity(p, frozen["flux"], x, t, batch)
+
+      x0 = sampling.denoise(velocity, params, x1, sigmas)
+      z = sampling.unpack_tokens(x0, *self.geometry.tokens)
+      return jnp.clip(self.decode(frozen["vae"], z), -1.0, 1.0)
+
+    return sample
+
+  def sigma_grid(self, num_steps: int) -> np.ndarray:
+    return sampling.get_schedule(
+      num_steps, self.geometry.seq_len, shift=self.config.sampling.shift
+    )
+
+  def sample_grid(self, state, step: int, workdir: str) -> str | None:
+    """Fixed-seed EMA samples of the first eval prompts, saved as a PNG."""
+    from leapalign_jax import evaluate, images
+
+    cache = self.eval_cache or self.train_cache
+    n = min(self.config.eval.grid_images, len(cache))
+    imgs = evaluate.generate(
+      self,
+      state["ema"],
+      cache,
+      list(range(n)),
+      seed=self.config.eval.seed,
+      num_steps=self.config.sampling.num_steps,
+    )
+    if jax.process_index() != 0:
+      return None
+    return images.save_grid(
+      imgs, os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    )
+
+  def export(self, state, workdir: str) -> list[str]:
+    """Writes the EMA weights for PyTorch tools (process 0)."""
+    from leapalign_jax import export as export_lib
+
+    if not self.config.export.enabled:
+      return []
+    return export_lib.export_run(
+      self, state["ema"], os.path.join(workdir, "export")
+    )
+
+
+def _load_flux(config, mesh):
+  from leapalign_jax.convert import load_flux
+  from leapalign_jax.models import lora as lora_lib
+
+  rules = config.mesh.rules
+  f = config.flux
+  flux_cfg, model = load_flux(
+    f.path,
+    dtype=f.dtype,
+    param_dtype=f.param_dtype,
+    remat=f.remat,
+    attention=f.attention,
+    scan_layers=f.scan_layers,
+    sharding=lambda state: sharding.logical_to_mesh(state, mesh, rules),
+  )
+  lora_paths: tuple[str, ...] = ()
+  if config.lora.enabled:
+    lora_paths = tuple(
+      lora_lib.add_lora(
+        model,
+        config.lora.targets,
+        config.lora.rank,
+        config.lora.alpha,
+        rngs=nnx.Rngs(config.seed),
+        param_dtype=jnp.dtype(f.param_dtype),
+      )
+    )
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    params = _place(params, mesh, rules, True)
+  else:
+    graphdef, params = nnx.split(model, nnx.Param)
+    frozen = None
+  return flux_cfg, graphdef, params, frozen, lora_paths
+
+
+def load(config: ml_collections.ConfigDict, mesh) -> Components:
+  """Loads every model and cache the run needs (see module doc)."""
+  from leapalign_jax import rewards
+  from leapalign_jax.convert import load_autoencoder
+  from leapalign_jax.models.autoencoder import decode_fn
+
+  flux_cfg, graphdef, params, frozen_flux, lora_paths = _load_flux(config, mesh)
+  ae_cfg, ae = load_autoencoder(
+    config.vae.path, dtype=config.vae.dtype, remat=config.vae.remat
+  )
+  decode, vae_params = decode_fn(ae)
+  rules, shard = config.mesh.rules, config.mesh.shard_frozen
+  vae_params = _place(vae_params, mesh, rules, shard)
+  reward = rewards.build(config.rewards)
+  reward_params = _place(reward.params, mesh, rules, shard)
+
+  s = config.sampling
+  lh, lw, zc = ae_cfg.latent_shape(s.height, s.width)
+  if lh % 2 or lw % 2:
+    raise ConfigError(
+      f"sampling {s.height}x{s.width} gives a {lh}x{lw} latent; the packed "
+      "2x2 patches need even latent sides"
+    )
+  if 4 * zc != flux_cfg.in_channels:
+    raise ConfigError(
+      f"the autoencoder has {zc} latent channels but Flux expects "
+      f"{flux_cfg.in_channels // 4}; they do not belong together"
+    )
+  geo = Geometry(s.height, s.width, lh, lw, zc)
+  train_cache = data.PromptCache(config.data.train_cache)
+  eval_cache = (
+    data.PromptCache(config.data.eval_cache) if config.data.eval_cache else None
+  )
+  _check_cache(train_cache, flux_cfg, reward)
+  if eval_cache is not None:
+    _check_cache(eval_cache, flux_cfg, reward)
+    if eval_cache.encoders != train_cache.encoders:
+      raise ConfigError(
+        "data.eval_cache and data.train_cache were embedded by different "
+        "encoders; re-embed one of them"
+      )
+
+  guidance = float(s.guidance) if flux_cfg.guidance_embed else None
+  h_tok, w_tok = geo.tokens
+
+  def velocity(p, frozen_flux, x, t, batch):
+    states = (p,) if frozen_flux is None else (p, frozen_flux)
+    model = nnx.merge(graphdef, *states)
+    B = x.shape[0]
+    return model(
+      img=x,
+      img_ids=sampling.img_ids(B, h_tok, w_tok),
+      txt=batch["t5"],
+      txt_ids=sampling.txt_ids(B, batch["t5"].shape[1]),
+      timesteps=t,
+      y=batch["clip_pooled"],
+      guidance=None
+      if guidance is None
+      else jnp.full((B,), guidance, jnp.float32),
+    )
+
+  def reward_fn(frozen, x0, batch):
+    z = sampling.unpack_tokens(x0, h_tok, w_tok)
+    images = jnp.clip(decode(frozen["vae"], z), -1.0, 1.0)
+    return reward.score(frozen["reward"], images, batch["reward_ids"])
+
+  def noise(key, batch_size):
+    z = jax.random.normal(key, (batch_size, lh, lw, zc), jnp.float32)
+    return sampling.pack(z)
+
+  sigmas = sampling.get_schedule(s.num_steps, geo.seq_len, shift=s.shift)
+  return Components(
+    config=config,
+    mesh=mesh,
+    flux_config=flux_cfg,
+    graphdef=graphdef,
+    params=params,
+    frozen={"flux": frozen_flux, "vae": vae_params, "reward": reward_params},
+    step_fns=step_lib.StepFns(velocity, reward_fn, noise),
+    sigmas=sigmas,
+    geometry=geo,
+    train_cache=train_cache,
+    eval_cache=eval_cache,
+    decode=decode,
+    reward=reward,
+    lora_paths=lora_paths,
+  )
+
+
+def _check_cache(cache: data.PromptCache, flux_cfg, reward) -> None:
+  t5 = cache.field_shape("t5")
+  clip = cache.field_shape("clip_pooled")
+  if t5[-1] != flux_cfg.context_in_dim or clip[-1] != flux_cfg.vec_in_dim:
+    raise ConfigError(
+      f"{cache.folder}: embeddings are T5 {t5} / CLIP {clip} but Flux expects "
+      f"{flux_cfg.context_in_dim} / {flux_cfg.vec_in_dim} features; embed the "
+      "prompts with this model's text encoders"
+    )
+  ids = cache.field_shape("reward_ids")
+  if reward.text_length and ids[-1] != reward.text_length:
+    raise ConfigError(
+      f"{cache.folder}: reward tokens have length {ids[-1]} but the reward "
+      f"model takes {reward.text_length}; set text.reward_max_length and "
+      "re-embed"
+    )

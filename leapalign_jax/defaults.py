@@ -1,0 +1,126 @@
+"""Shared defaults for every run config (the paper's settings, method.md §8).
+
+Experiment configs (``configs/*.py``) start from ``base()`` and override.
+Every field a run can read exists here, so configs can be locked and a
+misspelled override fails. (It lives in the package, not in ``configs/``, so
+config files import it the same way wherever the program runs from.)
+"""
+
+import ml_collections
+
+from leapalign_jax import methods
+from leapalign_jax.models.lora import FLUX_TARGETS
+from leapalign_jax.sharding import DEFAULT_RULES
+
+
+def base() -> ml_collections.ConfigDict:
+  """All fields with the paper's defaults (FLUX.1-dev + HPSv2.1)."""
+  c = methods.default_config()  # method, loss.lam, leap.*, baselines
+  c.seed = 0
+  # "" (use the paths below), "digits" (the embedded world: builds its own
+  # models first), "random" (tiny random models; tests and smoke runs).
+  c.world = ""
+  c.world_options = ml_collections.ConfigDict()
+
+  c.flux = ml_collections.ConfigDict(
+    {
+      "path": "",  # BFL file or diffusers folder / FLUX.1-dev snapshot root
+      "dtype": "bfloat16",  # compute
+      "param_dtype": "float32",  # master weights
+      "remat": "full",  # per-block: none | full | dots | names
+      "attention": "xla",  # xla | cudnn | splash
+      "scan_layers": True,
+    }
+  )
+  c.vae = ml_collections.ConfigDict(
+    {"path": "", "dtype": "bfloat16", "remat": "full"}
+  )
+  # Text encoders for the prompt-embedding cache (embed_prompts) and sample.
+  c.text = ml_collections.ConfigDict(
+    {
+      "clip_path": "",  # CLIP-L text encoder (or the snapshot root)
+      "t5_path": "",  # T5-XXL encoder (or the snapshot root)
+      "clip_tokenizer": "",  # "" = the vendored OpenAI BPE
+      "t5_tokenizer": "",  # "" = next to t5_path (tokenizer_2/)
+      "reward_tokenizer": "",  # "" = the vendored OpenAI BPE
+      "clip_max_length": 77,
+      "t5_max_length": 512,  # 256 for schnell
+      "reward_max_length": 77,
+      "batch_size": 16,
+      "dtype": "bfloat16",
+      "cache_dtype": "bfloat16",
+    }
+  )
+  # name -> {weight, path, options}; see leapalign_jax.rewards.
+  c.rewards = ml_collections.ConfigDict(
+    {"hpsv2": {"weight": 1.0, "path": "", "dtype": "bfloat16", "remat": "full"}}
+  )
+  c.data = ml_collections.ConfigDict(
+    {
+      "train_cache": "",  # embed_prompts output for the training prompts
+      "eval_cache": "",  # held-out prompts
+      "global_batch": 64,
+    }
+  )
+  c.sampling = ml_collections.ConfigDict(
+    {
+      "height": 720,
+      "width": 720,
+      "num_steps": 25,  # training rollouts
+      "guidance": 3.5,  # FLUX.1-dev distilled guidance (ignored by schnell)
+      "shift": True,  # resolution-dependent shift (False for schnell)
+    }
+  )
+  c.optim = ml_collections.ConfigDict(
+    {
+      "lr": 1e-5,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "weight_decay": 1e-4,
+      "clip_norm": 1.0,
+      "ema_decay": 0.995,
+    }
+  )
+  c.lora = ml_collections.ConfigDict(
+    {
+      "enabled": False,  # the paper fine-tunes every weight
+      "rank": 64,
+      "alpha": 64.0,
+      "targets": FLUX_TARGETS,
+    }
+  )
+  c.train = ml_collections.ConfigDict(
+    {
+      "num_steps": 300,
+      "log_every_steps": 1,
+      "ckpt_every_steps": 25,
+      "keep_checkpoints": 3,
+      "sample_every_steps": 50,  # fixed-seed EMA grids (0: off)
+      "max_consecutive_nonfinite": 5,
+      "overwrite": False,  # allow a different config in an existing workdir
+    }
+  )
+  c.eval = ml_collections.ConfigDict(
+    {
+      "num_prompts": 400,  # from data.eval_cache
+      "images_per_prompt": 4,
+      "num_steps": 50,
+      "batch_size": 8,
+      "seed": 1234,
+      "grid_images": 16,
+      "before": False,  # also evaluate the base model (before/after table)
+    }
+  )
+  c.mesh = ml_collections.ConfigDict(
+    {
+      "shape": (1, -1, 1),  # (data, fsdp, tensor); -1 fills the devices
+      "rules": DEFAULT_RULES,
+      "shard_frozen": False,  # shard VAE / reward params like Flux's
+    }
+  )
+  c.export = ml_collections.ConfigDict(
+    {"enabled": True, "layout": "diffusers", "dtype": "bfloat16"}
+  )
+  c.debug = ml_collections.ConfigDict({"nan_at_steps": ()})
+  return c

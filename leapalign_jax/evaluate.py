@@ -1,0 +1,228 @@
+"""Evaluation: fixed-seed samples of held-out prompts, scored by every reward.
+
+  python -m leapalign_jax.evaluate --config configs/<run>.py --workdir <dir>
+
+samples ``eval.num_prompts`` prompts of ``data.eval_cache`` ×
+``eval.images_per_prompt`` seeds with the EMA weights of the latest
+checkpoint, scores them with every configured reward (and the world's
+held-out evaluator, if it has one) and writes ``eval/<tag>/``: one PNG per
+image, ``samples.jsonl`` (file, prompt, seed, attributes, scores),
+``eval.json`` (means and standard deviations) and ``grid.png``. The noise of
+image ``j`` of prompt ``i`` depends only on ``(eval.seed, i, j)``, so any
+checkpoint and any batch size see the same noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from leapalign_jax import data, images, sharding
+
+
+def _keys(seed: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+  root = jax.random.key(seed)
+  keys = [jax.random.fold_in(jax.random.fold_in(root, i), j) for i, j in pairs]
+  return np.asarray(jax.random.key_data(jnp.stack(keys)))
+
+
+def generate(
+  comps,
+  params,
+  cache: data.PromptCache,
+  indices: list[int],
+  *,
+  seed: int,
+  num_steps: int,
+  images_per_prompt: int = 1,
+) -> np.ndarray:
+  """Images ``[len(indices) * images_per_prompt, H, W, 3]`` in ``[-1, 1]``."""
+  pairs = [(i, j) for i in indices for j in range(images_per_prompt)]
+  bs = int(comps.config.eval.batch_size)
+  sample = comps.sample_fn(num_steps)
+  out = []
+  for start in range(0, len(pairs), bs):
+    chunk = pairs[start : start + bs]
+    pad = bs - len(chunk)
+    chunk_p = chunk + [chunk[-1]] * pad  # one compiled shape
+    rows = [cache[i] for i, _ in chunk_p]
+    batch = {k: np.stack([r[k] for r in rows]) for k in data.FIELDS}
+    batch = sharding.put_global(batch, comps.mesh)
+    keys = sharding.put_global({"k": _keys(seed, chunk_p)}, comps.mesh)["k"]
+    imgs = sharding.to_host(sample(params, comps.frozen, batch, keys))
+    out.append(imgs[: len(chunk)])
+  return np.concatenate(out)
+
+
+def score(
+  comps, imgs: np.ndarray, cache, indices, per_prompt: int
+) -> dict[str, np.ndarray]:
+  """Per-image scores of every configured reward, ``{name: [N]}``."""
+  ids = np.stack(
+    [cache[i]["reward_ids"] for i in indices for _ in range(per_prompt)]
+  )
+  fn = jax.jit(comps.reward_each)
+  bs = int(comps.config.eval.batch_size)
+  out: dict[str, list] = {}
+  for start in range(0, len(imgs), bs):
+    x, t = imgs[start : start + bs], ids[start : start + bs]
+    pad = bs - len(x)
+    if pad:
+      x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
+      t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
+    placed = sharding.put_global({"x": x, "t": t}, comps.mesh)
+    scores = fn(comps.frozen["reward"], placed["x"], placed["t"])
+    for name, v in scores.items():
+      out.setdefault(name, []).append(sharding.to_host(v)[: bs - pad])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def evaluate(comps, params, workdir: str, tag: str) -> dict[str, Any]:
+  """Samples, scores and writes ``eval/<tag>/``; returns the summary."""
+  cfg = comps.config.eval
+  cache = comps.eval_cache or comps.train_cache
+  n = min(int(cfg.num_prompts), len(cache))
+  indices = list(range(n))
+  per = int(cfg.images_per_prompt)
+  imgs = generate(
+    comps,
+    params,
+    cache,
+    indices,
+    seed=cfg.seed,
+    num_steps=cfg.num_steps,
+    images_per_prompt=per,
+  )
+  scores = score(comps, imgs, cache, indices, per)
+  records = [dict(cache.records[i]) for i in indices for _ in range(per)]
+  summary: dict[str, Any] = {"tag": tag, "num_images": len(imgs)}
+  for name, v in scores.items():
+    summary[f"reward/{name}"] = float(np.mean(v))
+    summary[f"reward/{name}_std"] = float(np.std(v))
+  for scorer in world_scorers(comps.config, workdir):
+    summary.update(scorer(imgs, records))
+  if jax.process_index() == 0:
+    _write(
+      os.path.join(workdir, "eval", tag),
+      imgs,
+      records,
+      scores,
+      indices,
+      per,
+      cfg.seed,
+      summary,
+      cfg.grid_images,
+    )
+  return summary
+
+
+def world_scorers(config, workdir: str) -> list:
+  """Scorers that are not training rewards (the digits world's evaluator)."""
+  if config.world == "digits":
+    from leapalign_jax.worlds import digits_pipeline
+
+    return [digits_pipeline.evaluator_scorer(config, workdir)]
+  return []
+
+
+def _write(folder, imgs, records, scores, indices, per, seed, summary, n_grid):
+  os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+  lines = []
+  for k, (img, rec) in enumerate(zip(imgs, records)):
+    i, j = indices[k // per], k % per
+    name = f"images/{i:05d}_{j}.png"
+    images.save_png(images.to_uint8(img), os.path.join(folder, name))
+    lines.append(
+      {
+        "file": name,
+        "prompt_index": i,
+        "seed": [int(seed), i, j],
+        **rec,
+        **{f"reward/{n}": float(v[k]) for n, v in scores.items()},
+      }
+    )
+  tmp = os.path.join(folder, "samples.jsonl.tmp")
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+  os.replace(tmp, os.path.join(folder, "samples.jsonl"))
+  images.save_grid(imgs[:n_grid], os.path.join(folder, "grid.png"))
+  tmp = os.path.join(folder, "eval.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(folder, "eval.json"))
+
+
+def table(before: dict | None, after: dict) -> str:
+  """A small before/after markdown table of the shared numeric entries."""
+  keys = [
+    k
+    for k, v in after.items()
+    if isinstance(v, float) and not k.endswith("_std")
+  ]
+  rows = ["| metric | before | after |", "|---|---|---|"]
+  for k in keys:
+    b = "" if before is None or k not in before else f"{before[k]:.4f}"
+    rows.append(f"| {k} | {b} | {after[k]:.4f} |")
+  return "\n".join(rows)
+
+
+def after_training(config, workdir: str, comps, state) -> dict[str, Any]:
+  """The end-of-run evaluation: EMA weights, plus the base model if asked."""
+  before = None
+  before_path = os.path.join(workdir, "eval", "before", "eval.json")
+  if config.eval.before:
+    if os.path.exists(before_path):
+      with open(before_path) as f:
+        before = json.load(f)
+    else:
+      before = evaluate(comps, comps.params, workdir, "before")
+  after = evaluate(comps, state["ema"], workdir, "after")
+  text = table(before, after)
+  grid = os.path.join(workdir, "eval", "after", "grid.png")
+  if jax.process_index() == 0:
+    print(text)
+    print(f"image grid: {grid}")
+    with open(os.path.join(workdir, "eval", "summary.md"), "w") as f:
+      f.write(text + f"\n\nimage grid: {grid}\n")
+  return {"before": before, "after": after, "grid": grid}
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Evaluates the latest checkpoint of a workdir; returns the exit status."""
+  parser = argparse.ArgumentParser(prog="python -m leapalign_jax.evaluate")
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--tag", default="eval")
+  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+  args = parser.parse_args(argv)
+  from leapalign_jax import checkpoint, components, configs_io
+  from leapalign_jax import step as step_lib
+
+  try:
+    config = configs_io.load_config(args.config, args.overrides)
+    config = components.prepare_world(config, args.workdir)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    comps = components.load(config, mesh)
+    ckpt = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"))
+    latest = ckpt.latest_step()
+    if latest is None:
+      raise ValueError(f"{args.workdir}: no checkpoint to evaluate")
+    tx = step_lib.make_optimizer(config.optim)
+    state, _ = ckpt.restore(latest, comps.abstract_state(tx))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  summary = evaluate(comps, state["ema"], args.workdir, args.tag)
+  print(json.dumps(summary, indent=2, sort_keys=True))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
