@@ -1,0 +1,143 @@
+"""A tiny world of randomly initialised models, written as real checkpoints.
+
+For tests and smoke runs (``configs/tiny.py``): every model a run needs — the
+Flux transformer, its autoencoder, the CLIP-L / T5 text encoders, a CLIP
+reward — is created at a tiny size with random weights and saved through the
+project's exporters (diffusers / transformers layouts), prompts are embedded
+into caches with ``embed_prompts``, and the config's paths are pointed at
+those files. The run then loads everything through the production loaders,
+exactly as it would load FLUX.1-dev.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from leapalign_jax.worlds import digits
+
+WORLD = "world"
+
+
+def _sizes(opts) -> dict:
+  return {
+    "flux_hidden": int(opts.get("flux_hidden", 64)),
+    "text_hidden": int(opts.get("text_hidden", 32)),
+    "num_train_prompts": int(opts.get("num_train_prompts", 32)),
+    "num_eval_prompts": int(opts.get("num_eval_prompts", 8)),
+  }
+
+
+def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
+  """Writes the random models (skipping existing ones); returns their paths."""
+  from leapalign_jax import tokenizers
+  from leapalign_jax.convert import (
+    export_autoencoder,
+    export_clip,
+    export_flux,
+    export_t5,
+  )
+  from leapalign_jax.models import autoencoder, clip, flux, t5
+
+  rngs = nnx.Rngs(config.seed)
+  paths = {
+    "t5_tokenizer": os.path.join(folder, "tokenizer_2"),
+    "clip_text": os.path.join(folder, "text_encoder"),
+    "t5": os.path.join(folder, "text_encoder_2"),
+    "flux": os.path.join(folder, "transformer"),
+    "vae": os.path.join(folder, "vae"),
+    "reward": os.path.join(folder, "reward_clip"),
+  }
+  th = sizes["text_hidden"]
+  if not os.path.isdir(paths["t5_tokenizer"]):
+    tokenizers.train_t5_tokenizer(prompts, paths["t5_tokenizer"], vocab_size=128)
+  t5_vocab = len(tokenizers.load_t5_tokenizer(paths["t5_tokenizer"]))
+  text_cfg = clip.CLIPTextConfig(
+    hidden_size=th,
+    intermediate_size=2 * th,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=config.text.clip_max_length,
+  )
+  if not os.path.isdir(paths["clip_text"]):
+    model = clip.CLIP(clip.CLIPConfig(text_cfg, None, None), rngs=rngs)
+    export_clip(model, paths["clip_text"], layout="hf")
+  t5_cfg = dataclasses.replace(
+    t5.VARIANTS["tiny"], vocab_size=max(t5_vocab, 128), d_model=th
+  )
+  if not os.path.isdir(paths["t5"]):
+    export_t5(t5.T5Encoder(t5_cfg, rngs=rngs), paths["t5"])
+  ae_cfg = autoencoder.VARIANTS["tiny"]
+  if not os.path.isdir(paths["vae"]):
+    ae = autoencoder.AutoEncoder(ae_cfg, rngs=rngs)
+    export_autoencoder(ae, paths["vae"], layout="diffusers")
+  fh = sizes["flux_hidden"]
+  flux_cfg = flux.FluxConfig(
+    in_channels=4 * ae_cfg.z_channels,
+    out_channels=4 * ae_cfg.z_channels,
+    vec_in_dim=th,
+    context_in_dim=th,
+    hidden_size=fh,
+    num_heads=2,
+    axes_dim=(fh // 2 - 16, 8, 8),
+    depth=1,
+    depth_single_blocks=1,
+    zero_init=False,
+  )
+  if not os.path.isdir(paths["flux"]):
+    export_flux(flux.Flux(flux_cfg, rngs=rngs), paths["flux"], layout="diffusers")
+  size = config.sampling.height
+  reward_cfg = clip.CLIPConfig(
+    dataclasses.replace(text_cfg, max_position_embeddings=config.text.reward_max_length),
+    clip.CLIPVisionConfig(
+      hidden_size=th,
+      intermediate_size=2 * th,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      image_size=size,
+      patch_size=size // 4,
+    ),
+    16,
+  )
+  if not os.path.isdir(paths["reward"]):
+    export_clip(clip.CLIP(reward_cfg, rngs=rngs), paths["reward"], layout="hf")
+  return paths
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str):
+  """Builds (once) the random world in ``workdir/world``; returns the config."""
+  from leapalign_jax import embed_prompts
+
+  folder = os.path.join(workdir, WORLD)
+  os.makedirs(folder, exist_ok=True)
+  sizes = _sizes(config.world_options)
+  world = digits.DigitsConfig(image_size=config.sampling.height)
+  rng = np.random.default_rng(config.seed)
+  n_train, n_eval = sizes["num_train_prompts"], sizes["num_eval_prompts"]
+  ps = digits.draw_prompt_set(world, n_train + n_eval, rng)
+  records = digits.prompt_records(world, ps)
+  paths = _models(config, folder, sizes, list(ps.prompts))
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.flux.path = paths["flux"]
+  c.vae.path = paths["vae"]
+  c.text.clip_path = paths["clip_text"]
+  c.text.t5_path = paths["t5"]
+  c.text.t5_tokenizer = paths["t5_tokenizer"]
+  for name in c.rewards:
+    c.rewards[name].path = paths["reward"]
+  caches = {
+    "train_cache": (os.path.join(folder, "cache_train"), records[:n_train]),
+    "eval_cache": (os.path.join(folder, "cache_eval"), records[n_train:]),
+  }
+  encoders = None
+  for field, (path, recs) in caches.items():
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+      encoders = encoders or embed_prompts.TextEncoders(c.text)
+      embed_prompts.embed(encoders, recs, path, progress=False)
+    c.data[field] = path
+  c.lock()
+  return c
