@@ -1,0 +1,1 @@
+"""Differentiable rewards (HPSv2.1, PickScore, ...) and their preprocessing."""
