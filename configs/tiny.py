@@ -19,15 +19,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = defaults.base()
   c.world = "random"
   c.world_options = ml_collections.ConfigDict(
-    {"flux_hidden": 64, "text_hidden": 32, "num_train_prompts": 16,
-     "num_eval_prompts": 4}
+    {
+      "flux_hidden": 64,
+      "text_hidden": 32,
+      "num_train_prompts": 16,
+      "num_eval_prompts": 4,
+    }
   )
   if arg:
     c.method = arg
   c.flux.update(dtype="float32", remat="none")
   c.vae.update(dtype="float32", remat="none")
-  c.text.update(clip_max_length=16, t5_max_length=16, reward_max_length=16,
-                batch_size=8, dtype="float32", cache_dtype="float32")
+  c.text.update(
+    clip_max_length=16,
+    t5_max_length=16,
+    reward_max_length=16,
+    batch_size=8,
+    dtype="float32",
+    cache_dtype="float32",
+  )
   c.rewards = ml_collections.ConfigDict(
     {"clip": {"weight": 1.0, "path": "", "dtype": "float32", "remat": "none"}}
   )
@@ -36,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.lam = 1.0
   c.optim.lr = 1e-3
   c.train.update(num_steps=2, ckpt_every_steps=1, sample_every_steps=0)
-  c.eval.update(num_prompts=4, images_per_prompt=1, num_steps=4, batch_size=4,
-                grid_images=4)
+  c.eval.update(
+    num_prompts=4, images_per_prompt=1, num_steps=4, batch_size=4, grid_images=4
+  )
   c.export.dtype = "float32"
   return c

@@ -174,22 +174,23 @@ class Components:
 
   def sample_fn(self, num_steps: int):
     """Jitted ``(params, frozen, batch, keys [B, 2]) -> images [B, H, W, 3]``."""
+    from leapalign_jax.sample import make_sampler
+
+    g = (
+      self.config.sampling.guidance if self.flux_config.guidance_embed else None
+    )
+    sampler = make_sampler(self.graphdef, self.decode, self.geometry.tokens, g)
     sigmas = jnp.asarray(self.sigma_grid(num_steps))
-    fns = self.step_fns
+    noise = self.step_fns.noise
 
     @jax.jit
     def sample(params, frozen, batch, keys):
       # One key per image: its noise does not depend on the batch.
-      x1 = jax.vmap(lambda k: fns.noise(jax.random.wrap_key_data(k), 1)[0])(
-        keys
+      x1 = jax.vmap(lambda k: noise(jax.random.wrap_key_data(k), 1)[0])(keys)
+      states = (params,) if frozen["flux"] is None else (params, frozen["flux"])
+      return sampler(
+        states, frozen["vae"], batch["t5"], batch["clip_pooled"], x1, sigmas
       )
-
-      def velocity(p, x, t):
-        return fns.velocity(p, frozen["flux"], x, t, batch)
-
-      x0 = sampling.denoise(velocity, params, x1, sigmas)
-      z = sampling.unpack_tokens(x0, *self.geometry.tokens)
-      return jnp.clip(self.decode(frozen["vae"], z), -1.0, 1.0)
 
     return sample
 

@@ -54,7 +54,9 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
   }
   th = sizes["text_hidden"]
   if not os.path.isdir(paths["t5_tokenizer"]):
-    tokenizers.train_t5_tokenizer(prompts, paths["t5_tokenizer"], vocab_size=128)
+    tokenizers.train_t5_tokenizer(
+      prompts, paths["t5_tokenizer"], vocab_size=128
+    )
   t5_vocab = len(tokenizers.load_t5_tokenizer(paths["t5_tokenizer"]))
   text_cfg = clip.CLIPTextConfig(
     hidden_size=th,
@@ -89,10 +91,14 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
     zero_init=False,
   )
   if not os.path.isdir(paths["flux"]):
-    export_flux(flux.Flux(flux_cfg, rngs=rngs), paths["flux"], layout="diffusers")
+    export_flux(
+      flux.Flux(flux_cfg, rngs=rngs), paths["flux"], layout="diffusers"
+    )
   size = config.sampling.height
   reward_cfg = clip.CLIPConfig(
-    dataclasses.replace(text_cfg, max_position_embeddings=config.text.reward_max_length),
+    dataclasses.replace(
+      text_cfg, max_position_embeddings=config.text.reward_max_length
+    ),
     clip.CLIPVisionConfig(
       hidden_size=th,
       intermediate_size=2 * th,
