@@ -32,6 +32,7 @@ INSTALL_REQUIRES = [
   "ml_dtypes>=0.5.0",
   "pillow>=10.0",
   "tqdm>=4.66",
+  "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
   "absl-py>=2.1",
   "scikit-learn>=1.5",  # the embedded digits world (load_digits)
 ]
@@ -41,10 +42,14 @@ INSTALL_REQUIRES = [
 # resolves to a multi-GB CUDA download on the project's machines.
 TORCH_EXTRA = ["torch==2.13.0"]
 
+TFDS_EXTRA = ["tensorflow-datasets>=4.9.10"]  # tfds: prompt sources
+
 EXTRAS_REQUIRE = {
+  "tfds": TFDS_EXTRA,
   "torch": TORCH_EXTRA,
   "convert": TORCH_EXTRA,
   "test": TORCH_EXTRA
+  + TFDS_EXTRA
   + [
     "diffusers>=0.42.1",
     "scikit-image>=0.24",
