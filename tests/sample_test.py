@@ -21,7 +21,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from leapalign_jax import defaults, embed_prompts, sampling, tokenizers  # noqa: E402
+import torch_refs  # noqa: E402
+
+from leapalign_jax import defaults, embed_prompts, sampling  # noqa: E402
 from leapalign_jax.convert import load_autoencoder, load_flux  # noqa: E402
 from leapalign_jax.models.autoencoder import decode_fn  # noqa: E402
 from leapalign_jax.sample import make_sampler, noise_for  # noqa: E402
@@ -32,107 +34,11 @@ PROMPTS = ["a red digit seven on the left", "a blue four at the top"]
 SIZE, STEPS, T5_LEN = 32, 4, 16
 
 
-def _randomize(model, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and ("norm" in name or "layer_norm" in name):
-        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-      else:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-  return model.eval()
-
-
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("flux_pipeline")
-  tok2_dir = str(root / "_t5tok")
-  tokenizers.train_t5_tokenizer(PROMPTS * 4, tok2_dir, vocab_size=64)
-  tok2 = tokenizers.load_t5_tokenizer(tok2_dir)
-  tok = tokenizers.load_clip_tokenizer()
-  clip = _randomize(
-    transformers.CLIPTextModel(
-      transformers.CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-      )
-    ),
-    1,
+  return torch_refs.tiny_flux_pipeline(
+    tmp_path_factory.mktemp("flux_pipeline"), PROMPTS, size=SIZE
   )
-  t5 = _randomize(
-    transformers.T5EncoderModel(
-      transformers.T5Config(
-        vocab_size=128,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=1,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-      )
-    ),
-    2,
-  )
-  transformer = _randomize(
-    diffusers.FluxTransformer2DModel(
-      patch_size=1,
-      in_channels=64,
-      num_layers=1,
-      num_single_layers=1,
-      attention_head_dim=16,
-      num_attention_heads=2,
-      joint_attention_dim=32,
-      pooled_projection_dim=32,
-      guidance_embeds=True,
-      axes_dims_rope=(4, 4, 8),
-    ),
-    3,
-  )
-  vae = _randomize(
-    diffusers.AutoencoderKL(
-      in_channels=3,
-      out_channels=3,
-      down_block_types=("DownEncoderBlock2D",) * 3,
-      up_block_types=("UpDecoderBlock2D",) * 3,
-      block_out_channels=(8, 16, 16),
-      layers_per_block=1,
-      latent_channels=16,
-      norm_num_groups=4,
-      use_quant_conv=False,
-      use_post_quant_conv=False,
-      scaling_factor=1.5,
-      shift_factor=0.1,
-      sample_size=SIZE,
-    ),
-    4,
-  )
-  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-    base_image_seq_len=256,
-    base_shift=0.5,
-    max_image_seq_len=4096,
-    max_shift=1.15,
-    shift=3.0,
-    use_dynamic_shifting=True,
-  )
-  pipe = diffusers.FluxPipeline(
-    scheduler=scheduler,
-    vae=vae,
-    text_encoder=clip,
-    tokenizer=tok,
-    text_encoder_2=t5,
-    tokenizer_2=tok2,
-    transformer=transformer,
-  )
-  pipe.save_pretrained(root / "pipe")
-  return str(root / "pipe"), pipe
 
 
 def text_config(root):
