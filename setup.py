@@ -52,6 +52,7 @@ EXTRAS_REQUIRE = {
   + TFDS_EXTRA
   + [
     "diffusers>=0.42.1",
+    "peft>=0.21.2",  # diffusers' LoRA loading (tests/lora_test.py)
     "scikit-image>=0.24",
     "pytest>=8.0",
     "ruff>=0.6",

@@ -120,7 +120,14 @@ def base() -> ml_collections.ConfigDict:
     }
   )
   c.export = ml_collections.ConfigDict(
-    {"enabled": True, "layout": "diffusers", "dtype": "bfloat16"}
+    {
+      "enabled": True,
+      "layout": "diffusers",  # full weights: "diffusers" folder or "bfl" file
+      "dtype": "bfloat16",
+      # LoRA runs always write a diffusers/PEFT LoRA file; True also writes
+      # the adapters fused into full weights (in `layout`).
+      "lora_merged": False,
+    }
   )
   c.debug = ml_collections.ConfigDict({"nan_at_steps": ()})
   return c

@@ -38,7 +38,7 @@ def lora_targets(model: nnx.Module, targets: Sequence[str]) -> list[str]:
   patterns = [re.compile(t) for t in targets]
   return [
     module_path(path)
-    for path, m in model.iter_modules()
+    for path, m in nnx.iter_modules(model)
     if isinstance(m, Linear)
     and any(p.fullmatch(module_path(path)) for p in patterns)
   ]
@@ -62,7 +62,7 @@ def add_lora(
     raise ValueError(f"lora rank must be >= 1, got {rank}")
   patterns = [re.compile(t) for t in targets]
   adapted = []
-  for path, m in list(model.iter_modules()):
+  for path, m in list(nnx.iter_modules(model)):
     name = module_path(path)
     if not isinstance(m, Linear) or not any(
       p.fullmatch(name) for p in patterns
@@ -77,9 +77,11 @@ def add_lora(
     init = fan_in_normal(math.prod(m.in_shape))
     a = init(rngs.params(), lead + m.in_shape + (rank,), param_dtype)
     b = jnp.zeros(lead + (rank,) + m.out_shape, param_dtype)
-    m.lora_a = nnx.LoRAParam(a, out_sharding=in_names + (None,))
-    m.lora_b = nnx.LoRAParam(
-      b, out_sharding=tuple(names[:n_lead]) + (None,) + out_names
+    # nnx.data: Linear initialises these to None, which NNX records as static
+    # attributes; the adapters are data (pytree leaves).
+    m.lora_a = nnx.data(nnx.LoRAParam(a, out_sharding=in_names + (None,)))
+    m.lora_b = nnx.data(
+      nnx.LoRAParam(b, out_sharding=tuple(names[:n_lead]) + (None,) + out_names)
     )
     m.lora_scale = alpha / rank
     adapted.append(name)
@@ -93,7 +95,7 @@ def add_lora(
 
 def merge_lora(model: nnx.Module) -> None:
   """Folds every adapter into its base kernel (in place) and removes it."""
-  for _, m in model.iter_modules():
+  for _, m in nnx.iter_modules(model):
     if not isinstance(m, Linear) or m.lora_a is None:
       continue
     a, b = m.lora_a[...], m.lora_b[...]
