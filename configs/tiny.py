@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "text_hidden": 32,
       "num_train_prompts": 16,
       "num_eval_prompts": 4,
+      "dir": "",  # share one world between runs (tests); "" = workdir/world
     }
   )
   if arg:

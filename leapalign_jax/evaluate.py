@@ -175,6 +175,8 @@ def table(before: dict | None, after: dict) -> str:
 
 def after_training(config, workdir: str, comps, state) -> dict[str, Any]:
   """The end-of-run evaluation: EMA weights, plus the base model if asked."""
+  if not config.eval.num_prompts:
+    return {"before": None, "after": None, "grid": None}
   before = None
   before_path = os.path.join(workdir, "eval", "before", "eval.json")
   if config.eval.before:

@@ -242,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         **m,
         **timer.tick(),
         **{f"choice/{k}": v for k, v in choice.items()},
+        "train/finite": finite,
       }
       record["train/nonfinite_total"] = meta["nonfinite_total"]
       if step % config.train.log_every_steps == 0 or step == num_steps:

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from leapalign_jax.utils import atomic_dir
 from leapalign_jax.worlds import digits
 
 WORLD = "world"
@@ -43,7 +44,10 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
   )
   from leapalign_jax.models import autoencoder, clip, flux, t5
 
-  rngs = nnx.Rngs(config.seed)
+  # One stream per model, so a partly built world completes identically.
+  def rngs(k: int) -> nnx.Rngs:
+    return nnx.Rngs(config.seed * 100 + k)
+
   paths = {
     "t5_tokenizer": os.path.join(folder, "tokenizer_2"),
     "clip_text": os.path.join(folder, "text_encoder"),
@@ -54,9 +58,8 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
   }
   th = sizes["text_hidden"]
   if not os.path.isdir(paths["t5_tokenizer"]):
-    tokenizers.train_t5_tokenizer(
-      prompts, paths["t5_tokenizer"], vocab_size=128
-    )
+    with atomic_dir(paths["t5_tokenizer"]) as tmp:
+      tokenizers.train_t5_tokenizer(prompts, tmp, vocab_size=128)
   t5_vocab = len(tokenizers.load_t5_tokenizer(paths["t5_tokenizer"]))
   text_cfg = clip.CLIPTextConfig(
     hidden_size=th,
@@ -66,17 +69,20 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
     max_position_embeddings=config.text.clip_max_length,
   )
   if not os.path.isdir(paths["clip_text"]):
-    model = clip.CLIP(clip.CLIPConfig(text_cfg, None, None), rngs=rngs)
-    export_clip(model, paths["clip_text"], layout="hf")
+    model = clip.CLIP(clip.CLIPConfig(text_cfg, None, None), rngs=rngs(0))
+    with atomic_dir(paths["clip_text"]) as tmp:
+      export_clip(model, tmp, layout="hf")
   t5_cfg = dataclasses.replace(
     t5.VARIANTS["tiny"], vocab_size=max(t5_vocab, 128), d_model=th
   )
   if not os.path.isdir(paths["t5"]):
-    export_t5(t5.T5Encoder(t5_cfg, rngs=rngs), paths["t5"])
+    with atomic_dir(paths["t5"]) as tmp:
+      export_t5(t5.T5Encoder(t5_cfg, rngs=rngs(1)), tmp)
   ae_cfg = autoencoder.VARIANTS["tiny"]
   if not os.path.isdir(paths["vae"]):
-    ae = autoencoder.AutoEncoder(ae_cfg, rngs=rngs)
-    export_autoencoder(ae, paths["vae"], layout="diffusers")
+    ae = autoencoder.AutoEncoder(ae_cfg, rngs=rngs(2))
+    with atomic_dir(paths["vae"]) as tmp:
+      export_autoencoder(ae, tmp, layout="diffusers")
   fh = sizes["flux_hidden"]
   flux_cfg = flux.FluxConfig(
     in_channels=4 * ae_cfg.z_channels,
@@ -91,9 +97,8 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
     zero_init=False,
   )
   if not os.path.isdir(paths["flux"]):
-    export_flux(
-      flux.Flux(flux_cfg, rngs=rngs), paths["flux"], layout="diffusers"
-    )
+    with atomic_dir(paths["flux"]) as tmp:
+      export_flux(flux.Flux(flux_cfg, rngs=rngs(3)), tmp, layout="diffusers")
   size = config.sampling.height
   reward_cfg = clip.CLIPConfig(
     dataclasses.replace(
@@ -110,7 +115,8 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
     16,
   )
   if not os.path.isdir(paths["reward"]):
-    export_clip(clip.CLIP(reward_cfg, rngs=rngs), paths["reward"], layout="hf")
+    with atomic_dir(paths["reward"]) as tmp:
+      export_clip(clip.CLIP(reward_cfg, rngs=rngs(4)), tmp, layout="hf")
   return paths
 
 
@@ -118,7 +124,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   """Builds (once) the random world in ``workdir/world``; returns the config."""
   from leapalign_jax import embed_prompts
 
-  folder = os.path.join(workdir, WORLD)
+  folder = config.world_options.get("dir") or os.path.join(workdir, WORLD)
   os.makedirs(folder, exist_ok=True)
   sizes = _sizes(config.world_options)
   world = digits.DigitsConfig(image_size=config.sampling.height)

@@ -1,0 +1,146 @@
+"""train_and_evaluate on configs/tiny.py: every method, resume, outputs."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from leapalign_jax import checkpoint, configs_io, methods, metrics, train
+
+TINY = "configs/tiny.py"
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+  """One random world (models + caches) shared by every run below."""
+  return str(tmp_path_factory.mktemp("world"))
+
+
+def tiny(world_dir, *overrides):
+  return configs_io.load_config(
+    TINY, [f"world_options.dir={world_dir!r}", *overrides]
+  )
+
+
+def load_state(workdir):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step()
+  restored = ckpt.manager.restore(step)
+  ckpt.close()
+  return step, restored
+
+
+@pytest.mark.parametrize("method", methods.names())
+def test_two_steps_per_method(world_dir, tmp_path, method):
+  config = tiny(world_dir, f"method={method!r}", "eval.num_prompts=0")
+  out = train.train_and_evaluate(config, str(tmp_path))
+  lines = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [line["step"] for line in lines] == [1, 2]
+  for line in lines:
+    assert np.isfinite(line["train/loss"]) and np.isfinite(
+      line["train/grad_norm"]
+    )
+    assert line["train/grad_norm"] > 0
+  step, _ = load_state(str(tmp_path))
+  assert step == 2
+  assert out["after"] is None
+
+
+def test_outputs_and_exact_resume(world_dir, tmp_path):
+  straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+  record = train.train_and_evaluate(
+    tiny(world_dir, "train.num_steps=3", "eval.before=True"), straight
+  )
+  # Outputs of a finished run.
+  for f in (
+    "config.json",
+    "metrics.jsonl",
+    "eval/after/eval.json",
+    "eval/after/samples.jsonl",
+    "eval/after/grid.png",
+    "eval/before/eval.json",
+    "eval/summary.md",
+    "export/transformer/config.json",
+  ):
+    assert os.path.exists(os.path.join(straight, f)), f
+  assert any(
+    f.startswith("events.out.tfevents")
+    for f in os.listdir(os.path.join(straight, "tensorboard"))
+  )
+  assert "reward/clip" in record["after"]
+  with open(os.path.join(straight, "eval/after/samples.jsonl")) as f:
+    sample = json.loads(f.readline())
+  assert {"file", "prompt", "seed", "digit", "colour", "position"} <= set(
+    sample
+  )
+  # Stop after 2 steps, then resume to 3 with the same command.
+  first = train.train_and_evaluate(
+    tiny(world_dir, "train.num_steps=2", "eval.before=True"), split
+  )
+  assert first["after"] is not None
+  train.train_and_evaluate(
+    tiny(world_dir, "train.num_steps=3", "eval.before=True"), split
+  )
+  (sa, a), (sb, b) = load_state(straight), load_state(split)
+  assert sa == sb == 3
+  for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])):
+    np.testing.assert_array_equal(x, y)
+  la = metrics.read_jsonl(os.path.join(straight, "metrics.jsonl"))
+  lb = metrics.read_jsonl(os.path.join(split, "metrics.jsonl"))
+  strip = lambda ls: [
+    {k: v for k, v in d.items() if not k.startswith("perf/")} for d in ls
+  ]  # noqa: E731
+  assert strip(la) == strip(lb)
+
+
+def test_refuses_a_workdir_of_another_config(world_dir, tmp_path):
+  train.train_and_evaluate(
+    tiny(world_dir, "train.num_steps=1", "eval.num_prompts=0"), str(tmp_path)
+  )
+  with pytest.raises(train.UserError, match="different config.*optim.lr"):
+    train.train_and_evaluate(
+      tiny(
+        world_dir, "train.num_steps=1", "optim.lr=0.5", "eval.num_prompts=0"
+      ),
+      str(tmp_path),
+    )
+  # Allowed with overwrite; the old run is moved aside, not deleted.
+  train.train_and_evaluate(
+    tiny(
+      world_dir,
+      "train.num_steps=1",
+      "optim.lr=0.5",
+      "eval.num_prompts=0",
+      "train.overwrite=True",
+    ),
+    str(tmp_path),
+  )
+  assert any(n.startswith("checkpoints.old-") for n in os.listdir(tmp_path))
+
+
+def test_nonfinite_steps_are_skipped_then_stop(world_dir, tmp_path):
+  config = tiny(
+    world_dir,
+    "train.num_steps=6",
+    "debug.nan_at_steps=(1, 2, 3)",
+    "train.max_consecutive_nonfinite=3",
+    "eval.num_prompts=0",
+  )
+  with pytest.raises(train.NonFiniteError, match="3 consecutive non-finite"):
+    train.train_and_evaluate(config, str(tmp_path))
+  lines = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [line["train/finite"] for line in lines] == [True, False, False, False]
+  step, restored = load_state(str(tmp_path))
+  assert step == 4
+  # Parameters are those after step 1 (the last finite one).
+  ok = tiny(world_dir, "train.num_steps=1", "eval.num_prompts=0")
+  ref_dir = str(tmp_path / "ref")
+  train.train_and_evaluate(ok, ref_dir)
+  _, ref = load_state(ref_dir)
+  for x, y in zip(
+    jax.tree.leaves(restored["state"]["params"]),
+    jax.tree.leaves(ref["state"]["params"]),
+  ):
+    np.testing.assert_array_equal(x, y)
