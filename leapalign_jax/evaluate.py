@@ -65,6 +65,11 @@ def score(
   comps, imgs: np.ndarray, cache, indices, per_prompt: int
 ) -> dict[str, np.ndarray]:
   """Per-image scores of every configured reward, ``{name: [N]}``."""
+  from leapalign_jax import rewards
+
+  # The rewards clip silently inside jit; a wrong value range (e.g. [0, 1]
+  # or [0, 255] images) must fail here instead of being scored.
+  rewards.check_images(imgs)
   ids = np.stack(
     [cache[i]["reward_ids"] for i in indices for _ in range(per_prompt)]
   )

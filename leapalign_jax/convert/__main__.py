@@ -8,12 +8,14 @@
       [--layout hf|openclip] [--dtype bfloat16] [--towers text,vision]
   python -m leapalign_jax.convert t5 --src <file|dir> --dst <dir> \
       [--dtype bfloat16]
+  python -m leapalign_jax.convert aesthetic --src <head.pth> \
+      --dst <head.safetensors> [--dtype float32]
 
 Reads any supported layout (auto-detected) and writes the requested one, so
 the output loads with ``load_flux`` / ``load_autoencoder`` / ``load_clip`` /
-``load_t5`` and with PyTorch tools (BFL/ComfyUI single files, diffusers and
-transformers folders, OpenCLIP state dicts). Errors print one line and exit
-with status 2.
+``load_t5`` / ``load_aesthetic_head`` and with PyTorch tools (BFL/ComfyUI
+single files, diffusers and transformers folders, OpenCLIP state dicts).
+Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -54,19 +56,35 @@ def _clip(args) -> list[str]:
   )
 
 
+def _aesthetic(args) -> list[str]:
+  from leapalign_jax.convert.aesthetic import convert_aesthetic
+
+  dst = args.dst
+  if not dst.endswith(".safetensors"):
+    dst = os.path.join(dst, "aesthetic_head.safetensors")
+  return convert_aesthetic(args.src, dst, args.dtype)
+
+
 def _t5(args) -> list[str]:
   from leapalign_jax.convert.t5 import convert_t5
 
   return convert_t5(args.src, args.dst, args.dtype)
 
 
-COMMANDS = {"flux": _flux, "vae": _vae, "clip": _clip, "t5": _t5}
+COMMANDS = {
+  "flux": _flux,
+  "vae": _vae,
+  "clip": _clip,
+  "t5": _t5,
+  "aesthetic": _aesthetic,
+}
 # Output layouts per model; the first is the default.
 LAYOUTS = {
   "flux": ("bfl", "diffusers"),
   "vae": ("bfl", "diffusers"),
   "clip": ("hf", "openclip"),
   "t5": ("hf",),
+  "aesthetic": ("laion",),  # the upstream keys, as .safetensors
 }
 
 

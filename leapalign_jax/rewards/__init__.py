@@ -1,1 +1,134 @@
-"""Differentiable rewards (HPSv2.1, PickScore, ...) and their preprocessing."""
+"""Differentiable rewards: a registry of frozen, jit-able JAX reward models.
+
+  reward = rewards.build(config.rewards)   # name -> {weight, path, ...}
+  r_B = reward.score(reward.params, images_BHWC, ids_BL)   # weighted sum
+  each = reward.score_each(reward.params, images_BHWC, ids_BL)  # {name: r_B}
+
+Images are decoded generator outputs in [-1, 1], NHWC, any size (clipped to
+[-1, 1] inside, as the references clamp; ``check_images`` is the host-side
+range check); ``ids_BL`` are OpenAI CLIP-BPE ids padded to
+``reward.text_length`` (``tokenizers.tokenize_clip``), the same ids for every
+CLIP-family reward. Scores are pure functions of ``(params, images, ids)``,
+differentiable w.r.t. the images; the params are frozen (behind
+``stop_gradient``) and may be passed to ``jax.jit`` sharded or replicated.
+
+Registered rewards (``names()``); a config entry's ``kind`` field selects
+one under another name (e.g. two ``clip`` rewards):
+
+- ``hpsv2``: HPSv2.1 (OpenCLIP ViT-H-14), the cosine (``clip_score``).
+- ``pickscore``: PickScore_v1 (CLIP ViT-H/14), ``exp(logit_scale)`` ×
+  cosine, or the raw cosine with ``scale="cosine"`` (``clip_score``).
+- ``clip``: the CLIP score of any CLIP: cosine, logit or clipscore
+  (``clip_score``).
+- ``aesthetic``: the LAION aesthetic head on the unit OpenAI CLIP ViT-L/14
+  image embedding; reads no text (``aesthetic``).
+
+Options per entry: ``weight`` (default 1; 0 = evaluation only), ``kind``,
+``path``, ``dtype`` / ``param_dtype`` (tower compute / storage; storage
+defaults to ``dtype``, the logit scale stays fp32), ``remat``,
+``scan_layers``, ``attention``, ``hidden_act``, ``resample`` / ``saturate``
+/ ``crop`` (preprocessing, see ``preprocess``), ``scale`` (CLIP family) and
+``clip_path`` (aesthetic). Unknown options raise.
+
+Reward checkpoints (never downloaded by the code; fetch them once):
+
+- ``hpsv2``: ``HPS_v2.1_compressed.pt``, an OpenCLIP ViT-H-14 state dict,
+  from huggingface.co/xswu/HPSv2. ``path`` may name the ``.pt`` (read with
+  torch) or, converted once (then no torch is needed)::
+
+    python -m leapalign_jax.convert clip --src HPS_v2.1_compressed.pt \
+        --dst hps_v2.1.safetensors --layout openclip
+
+- ``pickscore``: a snapshot folder of huggingface.co/yuvalkirstain/PickScore_v1
+  (``config.json`` + ``model.safetensors``); ``path`` = the folder, no
+  conversion.
+- ``clip``: e.g. a snapshot folder of
+  huggingface.co/openai/clip-vit-large-patch14; ``path`` = the folder.
+- ``aesthetic``: ``sac+logos+ava1-l14-linearMSE.pth`` from
+  github.com/christophschuhmann/improved-aesthetic-predictor (``path``; read
+  with torch, or converted once), plus the openai/clip-vit-large-patch14
+  folder (``clip_path``)::
+
+    python -m leapalign_jax.convert aesthetic \
+        --src sac+logos+ava1-l14-linearMSE.pth --dst aesthetic_l14.safetensors
+
+Pickles are read with ``torch.load(weights_only=True)``; ``.safetensors``
+files load without torch (TPU hosts) and are memory-mapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from leapalign_jax.rewards import aesthetic, clip_score
+from leapalign_jax.rewards.base import Loaded, Reward, check_images
+
+__all__ = ["Reward", "build", "check_images", "get", "names"]
+
+_BUILDERS = {
+  "aesthetic": aesthetic.build,
+  "clip": clip_score.build_clip,
+  "hpsv2": clip_score.build_hpsv2,
+  "pickscore": clip_score.build_pickscore,
+}
+
+
+def names() -> tuple[str, ...]:
+  """The registered reward kinds."""
+  return tuple(sorted(_BUILDERS))
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+  """A config entry (ConfigDict or mapping) as a plain dict."""
+  if hasattr(cfg, "to_dict"):
+    return cfg.to_dict()
+  return dict(cfg)
+
+
+def _load(name: str, cfg: Mapping[str, Any]) -> tuple[float, Loaded]:
+  cfg = dict(cfg)
+  kind = cfg.pop("kind", None) or name
+  if kind not in _BUILDERS:
+    raise ValueError(
+      f"unknown reward {kind!r} (rewards.{name}); registered: "
+      f"{', '.join(names())}"
+    )
+  weight = cfg.pop("weight", 1.0)
+  try:
+    weight = float(weight)
+  except (TypeError, ValueError):
+    raise ValueError(
+      f"rewards.{name}.weight={weight!r} is not a number"
+    ) from None
+  return weight, _BUILDERS[kind](name, cfg)
+
+
+def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
+  lengths = [e.text_length for _, e in entries.values() if e.text_length]
+  return Reward(
+    names=tuple(entries),
+    weights=tuple(w for w, _ in entries.values()),
+    params={n: e.params for n, (_, e) in entries.items()},
+    fns={n: e.fn for n, (_, e) in entries.items()},
+    text_length=min(lengths) if lengths else 0,
+  )
+
+
+def get(name: str, **cfg: Any) -> Reward:
+  """Loads one reward (``cfg`` as a config entry: ``path=``, ``scale=``...).
+
+  Raises:
+    ValueError: (one line) unknown name or option, empty path; a
+      ``ConversionError`` (a ValueError) for unreadable or wrong
+      checkpoints.
+  """
+  return _bundle({name: _load(name, cfg)})
+
+
+def build(config: Mapping[str, Any]) -> Reward:
+  """Loads every reward of ``config.rewards`` (``name -> entry``)."""
+  items = list(config.items())
+  if not items:
+    raise ValueError("config.rewards is empty; configure at least one reward")
+  return _bundle({str(n): _load(str(n), _plain(c)) for n, c in items})
