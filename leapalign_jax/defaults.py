@@ -115,6 +115,7 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(
     {
       "shape": (1, -1, 1),  # (data, fsdp, tensor); -1 fills the devices
+      "num_devices": 0,  # use only the first N devices (0: all of them)
       "rules": DEFAULT_RULES,
       "shard_frozen": False,  # shard VAE / reward params like Flux's
     }

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     config = configs_io.load_config(args.config, args.overrides)
     config = components.prepare_world(config, args.workdir)
-    mesh = sharding.make_mesh(config.mesh.shape)
+    mesh = sharding.mesh_from_config(config.mesh)
     comps = components.load(config, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"))
     latest = ckpt.latest_step()

@@ -81,6 +81,19 @@ def make_mesh(
   return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+def mesh_from_config(mesh_cfg) -> Mesh:
+  """The mesh described by ``config.mesh`` (shape, optional device count)."""
+  devices = jax.devices()
+  n = int(mesh_cfg.get("num_devices", 0) or 0)
+  if n:
+    if n > len(devices):
+      raise ValueError(
+        f"mesh.num_devices={n} but only {len(devices)} devices are visible"
+      )
+    devices = devices[:n]
+  return make_mesh(mesh_cfg.shape, devices)
+
+
 def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
   """Normalises config rules (lists from ConfigDicts) to tuples."""
   out = []

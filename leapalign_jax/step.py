@@ -143,7 +143,7 @@ def make_train_step(
     if nan_steps:  # test-only hook: poison the gradient at given steps
       poison = jnp.isin(state["step"], jnp.asarray(nan_steps))
       grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -160,8 +160,8 @@ def make_train_step(
     metrics = {
       "train/loss": loss,
       "train/grad_norm": grad_norm,
-      "train/param_norm": optax.global_norm(new_state["params"]),
-      "train/update_norm": optax.global_norm(updates),
+      "train/param_norm": optax.tree.norm(new_state["params"]),
+      "train/update_norm": optax.tree.norm(updates),
       "train/finite": finite,
       **_summary(aux),
     }

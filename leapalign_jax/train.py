@@ -170,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise UserError(str(e)) from None
   check_workdir(config, workdir)
   config = components.prepare_world(config, workdir)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.mesh_from_config(config.mesh)
   try:
     sharding.check_batch(config.data.global_batch, mesh)
   except ValueError as e:
@@ -194,8 +194,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     comps.log_parameter_overview(state)
 
   writer = metrics_lib.Writer(workdir, resume_step=start)
+  # Explicit shardings: the state keeps its placement from step to step, so
+  # one program serves the whole run and a resumed run (restored with the
+  # same shardings) executes exactly the same program.
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
   train_step = jax.jit(
     step_lib.make_train_step(config, comps.step_fns, tx, comps.sigmas),
+    in_shardings=(
+      state_shardings,
+      jax.tree.map(lambda x: x.sharding, comps.frozen),
+      None,
+      None,
+    ),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
   dataset = comps.train_batches()

@@ -5,6 +5,7 @@ live at the top of the root conftest.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -19,6 +20,15 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Identical programs (a resumed run, the same method twice) compile once per
+# session.
+jax.config.update(
+  "jax_compilation_cache_dir",
+  os.environ.get("LEAPALIGN_TEST_JAX_CACHE")
+  or os.path.join(tempfile.gettempdir(), f"leapalign-jax-cache-{os.getpid()}"),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # Tests compare against fp32 references: make matmuls full precision.
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -60,7 +60,9 @@ def test_remat_policies_agree_in_value_and_gradient():
   x = inputs()
   results = {}
   for policy in ("none", "full", "dots", "names"):
-    cfg = dataclasses.replace(TINY, remat=policy, depth=1, depth_single_blocks=1)
+    cfg = dataclasses.replace(
+      TINY, remat=policy, depth=1, depth_single_blocks=1
+    )
     model = flux.Flux(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
 

@@ -12,6 +12,14 @@ from leapalign_jax import checkpoint, configs_io, methods, metrics, train
 TINY = "configs/tiny.py"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+  """These tests check the loop, not XLA's optimiser: compile 2x faster."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
   """One random world (models + caches) shared by every run below."""
@@ -19,8 +27,9 @@ def world_dir(tmp_path_factory):
 
 
 def tiny(world_dir, *overrides):
+  # One device: sharded steps are tested in sharding_test.py.
   return configs_io.load_config(
-    TINY, [f"world_options.dir={world_dir!r}", *overrides]
+    TINY, [f"world_options.dir={world_dir!r}", "mesh.num_devices=1", *overrides]
   )
 
 
