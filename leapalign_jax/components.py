@@ -11,6 +11,7 @@ train step, the sampler and the evaluation share.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -18,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from leapalign_jax import data, sampling, sharding
 from leapalign_jax import step as step_lib
+
+_LOG = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -143,7 +145,7 @@ class Components:
       if isinstance(state["params"], nnx.State)
       else state["params"]
     )
-    logging.info(
+    _LOG.info(
       "trainable parameters (%s):\n%s",
       "LoRA" if self.lora_paths else "full fine-tune",
       parameter_overview.get_parameter_overview(tree, include_stats=False),

@@ -10,6 +10,7 @@ in gathering arrays that span hosts; only process 0 writes.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from leapalign_jax.convert import export_flux
@@ -26,6 +26,8 @@ from leapalign_jax.convert.safetensors_io import read_header, write_json_atomic
 
 BFL_FILE = "flux1-leapalign.safetensors"
 LORA_INFO = "lora_info.json"
+
+_LOG = logging.getLogger(__name__)
 
 
 def gather_to_host(tree: Any, *, dtype: Any = None, keep: bool = True) -> Any:
@@ -96,7 +98,7 @@ def export_run(comps, ema_params: Any, folder: str) -> list[str]:
     written += lora_convert.export_flux_merged(
       model, _full_path(folder, cfg.layout), layout=cfg.layout, dtype=cfg.dtype
     )
-  logging.info("exported %s", ", ".join(written))
+  _LOG.info("exported %s", ", ".join(written))
   return written
 
 

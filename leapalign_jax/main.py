@@ -38,16 +38,37 @@ def _multi_process() -> bool:
   return len([h for h in hosts.split(",") if h]) > 1
 
 
+def _setup_logging() -> None:
+  """Our INFO messages on stderr; libraries (orbax, absl) at WARNING.
+
+  ``--verbosity=0`` (absl) brings the libraries' INFO logs back.
+  """
+  import logging as std_logging
+
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  ours = std_logging.getLogger("leapalign_jax")
+  if not ours.handlers:
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter("[leapalign] %(message)s"))
+    ours.addHandler(handler)
+  ours.setLevel(std_logging.INFO)
+  ours.propagate = False
+
+
 def main(argv):
   """Initialises JAX (distributed when needed) and runs the training."""
   del argv
+  _setup_logging()
   import jax
 
   if _multi_process():
     jax.distributed.initialize()
+  import logging as std_logging
+
   from leapalign_jax import train
 
-  logging.info(
+  std_logging.getLogger("leapalign_jax").info(
     "process %d/%d, %d local / %d global devices",
     jax.process_index(),
     jax.process_count(),

@@ -10,6 +10,7 @@ handling → final checkpoint, export, evaluation.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -18,12 +19,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from leapalign_jax import checkpoint as ckpt_lib
 from leapalign_jax import metrics as metrics_lib
 from leapalign_jax import sharding
 from leapalign_jax import step as step_lib
+
+_LOG = logging.getLogger(__name__)
 
 
 class UserError(ValueError):
@@ -128,7 +130,7 @@ class Preemption:
     def handler(signum, frame):
       del signum, frame
       self.requested = True
-      logging.warning("SIGTERM: checkpointing at the next step boundary")
+      _LOG.warning("SIGTERM: checkpointing at the next step boundary")
 
     try:
       self._old = signal.signal(signal.SIGTERM, handler)
@@ -175,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sharding.check_batch(config.data.global_batch, mesh)
   except ValueError as e:
     raise UserError(str(e)) from None
-  logging.info(batch_arithmetic(config.data.global_batch, mesh))
+  _LOG.info(batch_arithmetic(config.data.global_batch, mesh))
 
   comps = components.load(config, mesh)
   method = methods.get(config.method)
@@ -189,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if latest is not None:
     state, meta = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
     start = int(meta["step"])
-    logging.info("resumed from step %d", start)
+    _LOG.info("resumed from step %d", start)
   elif jax.process_index() == 0:
     comps.log_parameter_overview(state)
 
@@ -240,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       else:
         meta["nonfinite_run"] += 1
         meta["nonfinite_total"] += 1
-        logging.warning(
+        _LOG.warning(
           "step %d: non-finite loss/gradient (loss=%s, reward=%s, choice=%s);"
           " update skipped (%d in a row)",
           step,
@@ -282,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
     raise NonFiniteError(stopped_early)
   if preempt.requested and step < num_steps:
-    logging.warning("preempted at step %d; checkpoint written, exiting", step)
+    _LOG.warning("preempted at step %d; checkpoint written, exiting", step)
     checkpointer.close()
     return {"step": step, "preempted": True}
   checkpointer.close()
