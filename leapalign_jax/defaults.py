@@ -132,3 +132,37 @@ def base() -> ml_collections.ConfigDict:
   )
   c.debug = ml_collections.ConfigDict({"nan_at_steps": ()})
   return c
+
+
+def parse_arg(arg: str | None, **defaults_: str) -> dict[str, str]:
+  """``"k1=v1,k2=v2"`` (a config's ``get_config(arg)``) over ``defaults_``.
+
+  Raises:
+    ValueError: for a key not in ``defaults_`` (a misspelled argument).
+  """
+  out = dict(defaults_)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in out:
+      raise ValueError(
+        f"config argument {item!r}: use key=value with key in {sorted(out)}"
+      )
+    out[key] = value
+  return out
+
+
+def flux_dev_paths(c: ml_collections.ConfigDict, args: dict[str, str]) -> None:
+  """Points a config at a FLUX.1-dev snapshot and the prompt caches.
+
+  ``args``: ``flux`` (the snapshot root: transformer/, vae/, text_encoder/,
+  text_encoder_2/, tokenizer/, tokenizer_2/), ``train`` / ``eval`` (caches
+  written by ``embed_prompts``).
+  """
+  root = args["flux"]
+  c.flux.path = root
+  c.vae.path = root
+  c.text.update(
+    clip_path=root, t5_path=root, clip_tokenizer=root, t5_tokenizer=root
+  )
+  c.data.train_cache = args["train"]
+  c.data.eval_cache = args["eval"]
