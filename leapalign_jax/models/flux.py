@@ -12,7 +12,6 @@ batched matmul before the scan instead of once per block inside it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,13 @@ from leapalign_jax.models.flux_layers import (
   SingleStreamBlock,
   timestep_embedding,
 )
-from leapalign_jax.models.layers import Linear, constrain, remat_policy
+from leapalign_jax.models.layers import (
+  Linear,
+  constrain,
+  remat_policy,
+  run_layers,
+  stack_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,40 +98,15 @@ VARIANTS: dict[str, FluxConfig] = {
 }
 
 
-def _stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs):
-  """Builds ``n`` identical modules with parameters stacked on axis 0."""
-
-  @nnx.split_rngs(splits=n)
-  @nnx.vmap(
-    in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
-  )
-  def build(r):
-    return make(r)
-
-  return build(rngs)
-
-
-def _run_stack(blocks, carry, vec, call, policy, scan: bool):
+def _run_stack(blocks, carry, vec, call, remat: str, scan: bool):
   """Runs stacked ``blocks`` over ``carry``; ``call(block, carry, mods)``.
 
-  Modulations of all blocks are computed up front (one batched matmul).
+  Modulations of all blocks are computed up front (one batched matmul over
+  the stacked kernels) and scanned over with the blocks.
   """
   graphdef, state = nnx.split(blocks)
   mods = jax.vmap(lambda s: nnx.merge(graphdef, s).modulations(vec))(state)
-
-  def body(c, xs):
-    layer_state, layer_mods = xs
-    return call(nnx.merge(graphdef, layer_state), c, layer_mods), None
-
-  if policy is not None:
-    body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
-  if scan:
-    carry, _ = jax.lax.scan(body, carry, (state, mods))
-    return carry
-  n = jax.tree.leaves(state)[0].shape[0]
-  for i in range(n):
-    carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], (state, mods)))
-  return carry
+  return run_layers(blocks, carry, call, xs=mods, remat=remat, scan=scan)
 
 
 class Flux(nnx.Module):
@@ -156,7 +136,7 @@ class Flux(nnx.Module):
     )
     block_kw = dict(attn_impl=c.attention, zero_init=c.zero_init, **kw)
     self.double_blocks = (
-      _stack(
+      stack_layers(
         lambda r: DoubleStreamBlock(
           c.hidden_size,
           c.num_heads,
@@ -172,7 +152,7 @@ class Flux(nnx.Module):
       else None
     )
     self.single_blocks = (
-      _stack(
+      stack_layers(
         lambda r: SingleStreamBlock(
           c.hidden_size, c.num_heads, c.mlp_ratio, rngs=r, **block_kw
         ),
@@ -230,14 +210,14 @@ class Flux(nnx.Module):
     txt = constrain(self.txt_in(txt), ACT_BLD)
     pe = self.pe_embedder(jnp.concatenate([txt_ids, img_ids], axis=1))
 
-    policy = remat_policy(c.remat)
+    remat_policy(c.remat)  # fail early on an unknown policy name
     if self.double_blocks is not None:
       img, txt = _run_stack(
         self.double_blocks,
         (img, txt),
         vec,
         lambda blk, carry, mods: blk(carry[0], carry[1], mods, pe),
-        policy,
+        c.remat,
         c.scan_layers,
       )
     x = jnp.concatenate([txt, img], axis=1)
@@ -247,7 +227,7 @@ class Flux(nnx.Module):
         x,
         vec,
         lambda blk, carry, mods: blk(carry, mods, pe),
-        policy,
+        c.remat,
         c.scan_layers,
       )
     img = x[:, txt.shape[1] :]

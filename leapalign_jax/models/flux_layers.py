@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from leapalign_jax.models.attention import attention
 from leapalign_jax.models.layers import (
+  ACT_BLD,
   Linear,
   RMSNorm,
   bcast,
@@ -31,8 +32,6 @@ from leapalign_jax.models.layers import (
   gelu_tanh,
   layer_norm,
 )
-
-ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
 
 
 def timestep_embedding(

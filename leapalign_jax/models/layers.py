@@ -249,28 +249,34 @@ def run_layers(
   carry,
   call: Callable,
   *,
+  xs=None,
   remat: str = "none",
   scan: bool = True,
 ):
-  """Threads ``carry`` through stacked ``layers``: ``call(layer, carry)``.
+  """Threads ``carry`` through stacked ``layers``.
 
-  Each layer step is wrapped in ``jax.checkpoint`` with the ``remat`` policy;
-  ``scan=False`` unrolls a Python loop (same numerics, for debugging).
+  ``call(layer, carry)``, or ``call(layer, carry, x)`` with ``x`` the layer's
+  slice of ``xs`` (per-layer inputs stacked on axis 0, e.g. precomputed
+  modulations). Each layer step is wrapped in ``jax.checkpoint`` with the
+  ``remat`` policy; ``scan=False`` unrolls a Python loop (same numerics, for
+  debugging).
   """
   graphdef, state = nnx.split(layers)
 
-  def body(c, layer_state):
-    return call(nnx.merge(graphdef, layer_state), c), None
+  def body(c, layer_xs):
+    layer_state, x = layer_xs
+    layer = nnx.merge(graphdef, layer_state)
+    return (call(layer, c) if xs is None else call(layer, c, x)), None
 
   policy = remat_policy(remat)
   if policy is not None:
     body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
   if scan:
-    carry, _ = jax.lax.scan(body, carry, state)
+    carry, _ = jax.lax.scan(body, carry, (state, xs))
     return carry
   n = jax.tree.leaves(state)[0].shape[0]
   for i in range(n):
-    carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], state))
+    carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
   return carry
 
 
