@@ -106,14 +106,27 @@ class Writer:
       self._tb.close()
 
 
-def average(records: list[Mapping[str, Any]]) -> dict[str, float]:
-  """Averages scalar records with ``clu.metrics.Average`` (NaN-safe names)."""
-  out = {}
-  for key in records[0]:
+def summarize(window: list[Mapping[str, Any]]) -> dict[str, Any]:
+  """One record for a logging window of per-step records.
+
+  Float metrics are averaged over the window with ``clu.metrics.Average``;
+  integers and booleans (the method's choices, counters, the finite flag) are
+  those of the last step. With ``train.log_every_steps=1`` this is the step's
+  own record.
+  """
+  out: dict[str, Any] = {}
+  for key, last in window[-1].items():
+    value = np.asarray(last)
+    if not np.issubdtype(value.dtype, np.floating):
+      out[key] = last
+      continue
     avg = None
-    for r in records:
-      m = clu_metrics.Average.from_model_output(np.asarray(r[key], np.float32))
-      avg = m if avg is None else avg.merge(m)
+    for r in window:
+      if key in r:
+        m = clu_metrics.Average.from_model_output(
+          np.asarray(r[key], np.float32)
+        )
+        avg = m if avg is None else avg.merge(m)
     out[key] = float(avg.compute())
   return out
 

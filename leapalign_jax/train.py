@@ -217,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start
   stopped_early = None
   progress = _progress(start, num_steps)
+  window: list[dict] = []  # records since the last log line
 
   saved = {"step": start}
 
@@ -258,8 +259,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train/finite": finite,
       }
       record["train/nonfinite_total"] = meta["nonfinite_total"]
+      window.append(record)
       if step % config.train.log_every_steps == 0 or step == num_steps:
-        writer.write(step, record)
+        writer.write(step, metrics_lib.summarize(window))
+        window.clear()
       progress.update(step, record)
       if meta["nonfinite_run"] >= config.train.max_consecutive_nonfinite:
         stopped_early = (

@@ -156,3 +156,16 @@ def test_nonfinite_steps_are_skipped_then_stop(world_dir, tmp_path):
     jax.tree.leaves(ref["state"]["params"]),
   ):
     np.testing.assert_array_equal(x, y)
+
+
+def test_metrics_window_summary():
+  window = [
+    {"train/loss": 1.0, "choice/k_idx": 3, "train/finite": True},
+    {"train/loss": 2.0, "choice/k_idx": 5, "train/finite": False},
+  ]
+  assert metrics.summarize(window) == {
+    "train/loss": 1.5,
+    "choice/k_idx": 5,
+    "train/finite": False,
+  }
+  assert metrics.summarize(window[:1]) == window[0]
