@@ -422,16 +422,11 @@ def load_autoencoder(
   """
   from flax import nnx
 
-  from leapalign_jax.convert.loading import load_model
+  from leapalign_jax.convert.loading import load_model, resolve_variant
   from leapalign_jax.models.autoencoder import AutoEncoder
 
   source, layout, dcfg = open_checkpoint(path)
-  if isinstance(config, str):
-    if config not in VARIANTS:
-      raise ConversionError(
-        f"unknown autoencoder variant {config!r}; use one of {sorted(VARIANTS)}"
-      )
-    config = VARIANTS[config]
+  config = resolve_variant(config, VARIANTS, "autoencoder")
   if config is not None:
     found = {**infer_arch(source, layout), **config_fields(dcfg)}
     check_matches(found, config, source.description)
@@ -497,28 +492,14 @@ def export_autoencoder(
   return _write(tensors, path, layout, config)
 
 
-def _bfl_path(path: str) -> str:
-  if os.path.isdir(path) or not path.endswith(".safetensors"):
-    return os.path.join(path, "ae.safetensors")
-  return path
-
-
 def _write(tensors, path: str, layout: str, config) -> list[str]:
   """Writes tensors as one BFL file or a diffusers ``vae/`` folder."""
-  from leapalign_jax.convert.safetensors_io import (
-    save_file,
-    save_sharded,
-    write_json_atomic,
-  )
+  from leapalign_jax.convert.loading import write_checkpoint
 
   if layout == "bfl":
-    path = _bfl_path(path)
-    save_file(tensors, path, {"format": "pt"})
-    return [path]
+    return write_checkpoint(tensors, path, single_file="ae.safetensors")
   config_json = diffusers_config_dict(config)  # fails before writing
-  files = save_sharded(tensors, path, metadata={"format": "pt"})
-  write_json_atomic(os.path.join(path, "config.json"), config_json)
-  return [os.path.join(path, f) for f in files + ["config.json"]]
+  return write_checkpoint(tensors, path, config_json=config_json)
 
 
 def convert_autoencoder(

@@ -20,7 +20,6 @@ pooling rule (argmax of the ids unless a config names another eos id).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Sequence
 
@@ -469,12 +468,9 @@ def _resolve(
 ) -> CLIPConfig:
   """The config to build: given or inferred, cut to ``towers``, checked."""
   where = source.description
-  if isinstance(config, str):
-    if config not in VARIANTS:
-      raise ConversionError(
-        f"unknown CLIP variant {config!r}; use one of {sorted(VARIANTS)}"
-      )
-    config = VARIANTS[config]
+  from leapalign_jax.convert.loading import resolve_variant
+
+  config = resolve_variant(config, VARIANTS, "CLIP")
   sizes = infer_sizes(source, layout)
   if towers is not None:
     towers = tuple(towers)
@@ -607,27 +603,19 @@ def hf_config_dict(c: CLIPConfig) -> dict:
 
 
 def _write(tensors, path: str, layout: str, config: CLIPConfig) -> list[str]:
-  from leapalign_jax.convert.safetensors_io import (
-    save_file,
-    save_sharded,
-    write_json_atomic,
-  )
+  from leapalign_jax.convert.loading import write_checkpoint
 
   if layout == "openclip":
-    if os.path.isdir(path) or not path.endswith(".safetensors"):
-      path = os.path.join(path, "open_clip_model.safetensors")
-    save_file(tensors, path, {"format": "pt"})
-    return [path]
-  cfg = hf_config_dict(config)
-  files = save_sharded(
+    return write_checkpoint(
+      tensors, path, single_file="open_clip_model.safetensors"
+    )
+  return write_checkpoint(
     tensors,
     path,
-    "model",
+    prefix="model",
+    config_json=hf_config_dict(config),
     max_shard_bytes=5 * 1024**3,
-    metadata={"format": "pt"},
   )
-  write_json_atomic(os.path.join(path, "config.json"), cfg)
-  return [os.path.join(path, f) for f in files + ["config.json"]]
 
 
 def export_clip(

@@ -600,16 +600,11 @@ def load_flux(
   """
   from flax import nnx
 
-  from leapalign_jax.convert.loading import load_model
+  from leapalign_jax.convert.loading import load_model, resolve_variant
   from leapalign_jax.models.flux import Flux
 
   source, layout, dcfg = open_checkpoint(path)
-  if isinstance(config, str):
-    if config not in VARIANTS:
-      raise ConversionError(
-        f"unknown Flux variant {config!r}; use one of {sorted(VARIANTS)}"
-      )
-    config = VARIANTS[config]
+  config = resolve_variant(config, VARIANTS, "Flux")
   if config is not None:
     check_matches(infer_arch(source, layout), config, source.description)
     base = config
@@ -666,10 +661,6 @@ def export_flux(
   config = config or getattr(model, "config", None)
   if config is None:
     raise ConversionError("export_flux needs config= when given bare params")
-  if layout == "bfl" and (
-    os.path.isdir(path) or not path.endswith(".safetensors")
-  ):
-    path = os.path.join(path, "flux1.safetensors")
   return _write(
     export_tensors(RULES[layout](config), model, dtype), path, layout, config
   )
@@ -677,20 +668,13 @@ def export_flux(
 
 def _write(tensors, path: str, layout: str, config: FluxConfig) -> list[str]:
   """Writes source-layout tensors: one BFL file, or a diffusers folder."""
-  from leapalign_jax.convert.safetensors_io import (
-    save_file,
-    save_sharded,
-    write_json_atomic,
-  )
+  from leapalign_jax.convert.loading import write_checkpoint
 
   if layout == "bfl":
-    save_file(tensors, path, {"format": "pt"})
-    return [path]
-  files = save_sharded(tensors, path, metadata={"format": "pt"})
-  write_json_atomic(
-    os.path.join(path, "config.json"), diffusers_config_dict(config)
+    return write_checkpoint(tensors, path, single_file="flux1.safetensors")
+  return write_checkpoint(
+    tensors, path, config_json=diffusers_config_dict(config)
   )
-  return [os.path.join(path, f) for f in files + ["config.json"]]
 
 
 def convert_flux(

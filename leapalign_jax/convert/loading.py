@@ -68,3 +68,66 @@ def export_tensors(
 ) -> Mapping[str, keymap.LazyTensor]:
   """Source-layout lazy tensors from a model / Param state / pure dict."""
   return keymap.export(rules, flat_params(params), dtype)
+
+
+def resolve_variant(config, variants: Mapping[str, Any], what: str):
+  """``config`` itself, or ``variants[config]`` when it is a name.
+
+  Raises:
+    ConversionError: for an unknown variant name.
+  """
+  if not isinstance(config, str):
+    return config
+  if config not in variants:
+    from leapalign_jax.convert.errors import ConversionError
+
+    raise ConversionError(
+      f"unknown {what} variant {config!r}; use one of {sorted(variants)}"
+    )
+  return variants[config]
+
+
+def write_checkpoint(
+  tensors: Mapping[str, Any],
+  path: str,
+  *,
+  single_file: str | None = None,
+  prefix: str = "diffusion_pytorch_model",
+  config_json: dict | None = None,
+  max_shard_bytes: int = 10 * 1024**3,
+) -> list[str]:
+  """Writes a single safetensors file or a folder (shards + config.json).
+
+  Args:
+    tensors: name -> array or ``LazyTensor`` (produced one at a time).
+    path: the file (single-file layouts) or folder to write.
+    single_file: for single-file layouts, the file name used when ``path``
+      is a folder (or does not end in ``.safetensors``).
+    prefix: shard name prefix for folder layouts (``model`` for
+      transformers, ``diffusion_pytorch_model`` for diffusers).
+    config_json: the folder's ``config.json`` (written after the weights).
+    max_shard_bytes: shard size of folder layouts.
+
+  Returns:
+    The paths written.
+  """
+  import os
+
+  from leapalign_jax.convert.safetensors_io import (
+    save_file,
+    save_sharded,
+    write_json_atomic,
+  )
+
+  metadata = {"format": "pt"}
+  if single_file is not None:
+    if os.path.isdir(path) or not path.endswith(".safetensors"):
+      path = os.path.join(path, single_file)
+    save_file(tensors, path, metadata)
+    return [path]
+  files = save_sharded(tensors, path, prefix, max_shard_bytes, metadata)
+  written = [os.path.join(path, f) for f in files]
+  if config_json is not None:
+    write_json_atomic(os.path.join(path, "config.json"), config_json)
+    written.append(os.path.join(path, "config.json"))
+  return written

@@ -16,7 +16,6 @@ index), a pipeline root holding it, single files, PyTorch pickles, and full
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 
 from leapalign_jax.convert import keymap
@@ -221,12 +220,9 @@ def load_t5(
   from leapalign_jax.models.t5 import T5Encoder
 
   source, cfg = open_checkpoint(path)
-  if isinstance(config, str):
-    if config not in VARIANTS:
-      raise ConversionError(
-        f"unknown T5 variant {config!r}; use one of {sorted(VARIANTS)}"
-      )
-    config = VARIANTS[config]
+  from leapalign_jax.convert.loading import resolve_variant
+
+  config = resolve_variant(config, VARIANTS, "T5")
   found = infer_config(source, cfg)
   if config is not None:
     check_matches(found, config, source.description)
@@ -273,14 +269,15 @@ def hf_config_dict(c: T5EncoderConfig) -> dict:
 
 
 def _write(tensors, path: str, config: T5EncoderConfig, shard_bytes: int):
-  from leapalign_jax.convert.safetensors_io import (
-    save_sharded,
-    write_json_atomic,
-  )
+  from leapalign_jax.convert.loading import write_checkpoint
 
-  files = save_sharded(tensors, path, "model", shard_bytes, {"format": "pt"})
-  write_json_atomic(os.path.join(path, "config.json"), hf_config_dict(config))
-  return [os.path.join(path, f) for f in files + ["config.json"]]
+  return write_checkpoint(
+    tensors,
+    path,
+    prefix="model",
+    config_json=hf_config_dict(config),
+    max_shard_bytes=shard_bytes,
+  )
 
 
 def export_t5(
