@@ -27,9 +27,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from compiled_step import compile_step
 
-from leapalign_jax import components, configs_io, methods, sharding, train
+from leapalign_jax import configs_io
 from leapalign_jax import step as step_lib
 
 # "leapalign@recompute": the T + 2-forward variant (leap.grad_passes).
@@ -105,25 +105,10 @@ def parts(comps, state, batch, repeats):
 
 def measure(world_dir, method, num_steps, hidden, batch, size, repeats):
   config = config_for(world_dir, method, num_steps, hidden, batch, size)
-  config = components.prepare_world(config, world_dir)
-  mesh = sharding.mesh_from_config(config.mesh)
-  comps = components.load(config, mesh)
-  tx = step_lib.make_optimizer(config.optim)
-  state = comps.init_state(tx)
-  fn = jax.jit(
-    step_lib.make_train_step(config, comps.step_fns, tx, comps.sigmas)
-  )
-  batch_np = comps.batch_to_arrays(comps.train_batches()[0])
-  batch_arr = sharding.put_batch(batch_np, mesh)
-  choice = train.host_choice(
-    config, methods.get(config.method), 0, comps.sigmas
-  )
-  choice = {k: np.int32(v) for k, v in choice.items()}
-  compiled = fn.lower(state, comps.frozen, batch_arr, choice).compile()
+  compiled, args, comps = compile_step(config, world_dir)
+  state, _, batch_arr, _ = args
   temp = compiled.memory_analysis().temp_size_in_bytes
-  step_s = median_time(
-    lambda: compiled(state, comps.frozen, batch_arr, choice)[1], repeats
-  )
+  step_s = median_time(lambda: compiled(*args)[1], repeats)
   record = dict(
     method=method,
     num_steps=num_steps,

@@ -33,51 +33,76 @@ def _sizes(opts) -> dict:
   }
 
 
-def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
-  """Writes the random models (skipping existing ones); returns their paths."""
-  from leapalign_jax import tokenizers
-  from leapalign_jax.convert import (
-    export_autoencoder,
-    export_clip,
-    export_flux,
-    export_t5,
-  )
-  from leapalign_jax.models import autoencoder, clip, flux, t5
+def write_text_models(
+  config, folder: str, prompts: list[str], hidden: int, seed: int
+) -> dict[str, str]:
+  """Writes random tiny text encoders and a T5 tokenizer; returns paths.
 
-  # One stream per model, so a partly built world completes identically.
-  def rngs(k: int) -> nnx.Rngs:
-    return nnx.Rngs(config.seed * 100 + k)
+  The tokenizer is trained on ``prompts``; existing outputs are kept.
+
+  Frozen random encoders still map different prompts to different token
+  features; the models that read them (Flux, trained or not) learn from
+  that. Shared by the random and the digits worlds.
+  """
+  from leapalign_jax import tokenizers
+  from leapalign_jax.convert import export_clip, export_t5
+  from leapalign_jax.models import clip, t5
 
   paths = {
     "t5_tokenizer": os.path.join(folder, "tokenizer_2"),
     "clip_text": os.path.join(folder, "text_encoder"),
     "t5": os.path.join(folder, "text_encoder_2"),
-    "flux": os.path.join(folder, "transformer"),
-    "vae": os.path.join(folder, "vae"),
-    "reward": os.path.join(folder, "reward_clip"),
   }
-  th = sizes["text_hidden"]
   if not os.path.isdir(paths["t5_tokenizer"]):
     with atomic_dir(paths["t5_tokenizer"]) as tmp:
       tokenizers.train_t5_tokenizer(prompts, tmp, vocab_size=128)
   t5_vocab = len(tokenizers.load_t5_tokenizer(paths["t5_tokenizer"]))
-  text_cfg = clip.CLIPTextConfig(
-    hidden_size=th,
-    intermediate_size=2 * th,
+  if not os.path.isdir(paths["clip_text"]):
+    model = clip.CLIP(
+      clip.CLIPConfig(text_config(config, hidden), None, None),
+      rngs=nnx.Rngs(seed),
+    )
+    with atomic_dir(paths["clip_text"]) as tmp:
+      export_clip(model, tmp, layout="hf")
+  t5_cfg = dataclasses.replace(
+    t5.VARIANTS["tiny"], vocab_size=max(t5_vocab, 128), d_model=hidden
+  )
+  if not os.path.isdir(paths["t5"]):
+    with atomic_dir(paths["t5"]) as tmp:
+      export_t5(t5.T5Encoder(t5_cfg, rngs=nnx.Rngs(seed + 1)), tmp)
+  return paths
+
+
+def text_config(config, hidden: int):
+  """The tiny CLIP text tower (CLIP-L's role) of width ``hidden``."""
+  from leapalign_jax.models import clip
+
+  return clip.CLIPTextConfig(
+    hidden_size=hidden,
+    intermediate_size=2 * hidden,
     num_hidden_layers=1,
     num_attention_heads=2,
     max_position_embeddings=config.text.clip_max_length,
   )
-  if not os.path.isdir(paths["clip_text"]):
-    model = clip.CLIP(clip.CLIPConfig(text_cfg, None, None), rngs=rngs(0))
-    with atomic_dir(paths["clip_text"]) as tmp:
-      export_clip(model, tmp, layout="hf")
-  t5_cfg = dataclasses.replace(
-    t5.VARIANTS["tiny"], vocab_size=max(t5_vocab, 128), d_model=th
+
+
+def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
+  """Writes the random models (skipping existing ones); returns their paths."""
+  from leapalign_jax.convert import export_autoencoder, export_clip, export_flux
+  from leapalign_jax.models import autoencoder, clip, flux
+
+  # One stream per model, so a partly built world completes identically.
+  def rngs(k: int) -> nnx.Rngs:
+    return nnx.Rngs(config.seed * 100 + k)
+
+  th = sizes["text_hidden"]
+  paths = write_text_models(config, folder, prompts, th, config.seed * 100)
+  paths.update(
+    flux=os.path.join(folder, "transformer"),
+    vae=os.path.join(folder, "vae"),
+    reward=os.path.join(folder, "reward_clip"),
   )
-  if not os.path.isdir(paths["t5"]):
-    with atomic_dir(paths["t5"]) as tmp:
-      export_t5(t5.T5Encoder(t5_cfg, rngs=rngs(1)), tmp)
+  text_cfg = text_config(config, th)
   ae_cfg = autoencoder.VARIANTS["tiny"]
   if not os.path.isdir(paths["vae"]):
     ae = autoencoder.AutoEncoder(ae_cfg, rngs=rngs(2))
@@ -122,8 +147,6 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str):
   """Builds (once) the random world in ``workdir/world``; returns the config."""
-  from leapalign_jax import embed_prompts
-
   folder = config.world_options.get("dir") or os.path.join(workdir, WORLD)
   os.makedirs(folder, exist_ok=True)
   sizes = _sizes(config.world_options)
@@ -133,6 +156,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   ps = digits.draw_prompt_set(world, n_train + n_eval, rng)
   records = digits.prompt_records(world, ps)
   paths = _models(config, folder, sizes, list(ps.prompts))
+  caches = {
+    "train_cache": (os.path.join(folder, "cache_train"), records[:n_train]),
+    "eval_cache": (os.path.join(folder, "cache_eval"), records[n_train:]),
+  }
+  c = point_config(config, paths)
+  embed_caches(c, caches)
+  c.lock()
+  return c
+
+
+def point_config(config, paths: dict[str, str]) -> ml_collections.ConfigDict:
+  """A copy of ``config`` reading the world's models from ``paths``."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.flux.path = paths["flux"]
   c.vae.path = paths["vae"]
@@ -141,15 +176,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   c.text.t5_tokenizer = paths["t5_tokenizer"]
   for name in c.rewards:
     c.rewards[name].path = paths["reward"]
-  caches = {
-    "train_cache": (os.path.join(folder, "cache_train"), records[:n_train]),
-    "eval_cache": (os.path.join(folder, "cache_eval"), records[n_train:]),
-  }
+  return c
+
+
+def embed_caches(c, caches: dict[str, tuple[str, list[dict]]]) -> None:
+  """Embeds each ``{data field: (folder, records)}`` once; sets ``c.data``."""
+  from leapalign_jax import embed_prompts
+
   encoders = None
   for field, (path, recs) in caches.items():
     if not os.path.exists(os.path.join(path, "manifest.json")):
       encoders = encoders or embed_prompts.TextEncoders(c.text)
       embed_prompts.embed(encoders, recs, path, progress=False)
-    c.data[field] = path
-  c.lock()
-  return c
+    if field in c.data:
+      c.data[field] = path

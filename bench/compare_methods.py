@@ -1,0 +1,207 @@
+"""Every method and LeapAlign ablation on the digits world, several seeds.
+
+From one base model (the digits world, built once in ``<out>/world``), each
+variant aligns for the same number of iterations with seeds 0..S-1, then the
+EMA weights are evaluated on the 250 held-out prompts (every digit x colour x
+position once). Reported per variant, as mean ± std over seeds: the in-domain
+reward (the CLIP reward on the held-out prompts), the held-out evaluator's
+accuracy per attribute (never a training reward), the mean training step time
+and the compiled step's temporary memory.
+
+  python bench/compare_methods.py [--seeds 3] [--steps 100] [--out DIR]
+      [--variants leapalign,refl,...] [--config configs/digits.py]
+
+Writes ``<out>/compare_methods.{json,md}`` and ``reward_curves.png``; runs
+that finished are reused, so an interrupted benchmark resumes.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+import numpy as np
+
+from leapalign_jax import configs_io, metrics, train
+
+# name -> config overrides. Baselines use their paper defaults (method.md).
+VARIANTS = {
+  "leapalign": [],
+  "refl": ["method='refl'"],
+  "draft_lv": ["method='draft_lv'"],
+  "draft_k": ["method='draft_k'"],
+  "drtune": ["method='drtune'"],
+  "full_backprop": ["method='full_backprop'"],
+  "leapalign alpha=0": ["leap.alpha=0.0"],
+  "leapalign alpha=1": ["leap.alpha=1.0"],
+  "leapalign 1 leap": ["leap.num_leaps=1"],
+  "leapalign 3 leaps": ["leap.num_leaps=3"],
+  "leapalign no weighting": ["leap.weighting='none'"],
+}
+ATTRS = ("digit", "colour", "position", "all")
+COLUMNS = ("reward/clip", *(f"eval/{a}" for a in ATTRS), "eval/stray")
+
+
+def slug(name: str) -> str:
+  return name.replace(" ", "_").replace("=", "")
+
+
+def run_one(config_path, world, out, name, seed, steps):
+  """Aligns one (variant, seed); returns its record (reused if done)."""
+  workdir = os.path.join(out, "runs", f"{slug(name)}_s{seed}")
+  done = os.path.join(workdir, "record.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  overrides = [
+    f"world_options.dir={world!r}",
+    f"seed={seed}",
+    f"train.num_steps={steps}",
+    f"train.ckpt_every_steps={steps}",
+    "train.overwrite=True",
+    "eval.before=False",
+    "export.enabled=False",
+    *VARIANTS[name],
+  ]
+  config = configs_io.load_config(config_path, overrides)
+  temp = compiled_temp_bytes(config, out, name)
+  result = train.train_and_evaluate(config, workdir)
+  lines = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  # The first logged window includes compilation: leave it out.
+  step_s = [x["perf/step_s"] for x in lines[1:]] or [lines[0]["perf/step_s"]]
+  record = {
+    "variant": name,
+    "seed": seed,
+    "after": result["after"],
+    "step_s": float(np.mean(step_s)),
+    "temp_bytes": temp,
+    "curve": [[x["step"], x["train/reward"]] for x in lines],
+  }
+  with open(done + ".tmp", "w") as f:
+    json.dump(record, f)
+  os.replace(done + ".tmp", done)
+  return record
+
+
+def compiled_temp_bytes(config, out, name) -> int:
+  """The compiled step's temporary memory (per variant; seed-independent)."""
+  path = os.path.join(out, "memory.json")
+  known = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      known = json.load(f)
+  if name not in known:
+    from compiled_step import compile_step
+
+    compiled, _, _ = compile_step(config, out)
+    known[name] = int(compiled.memory_analysis().temp_size_in_bytes)
+    with open(path + ".tmp", "w") as f:
+      json.dump(known, f)
+    os.replace(path + ".tmp", path)
+  return known[name]
+
+
+def base_eval(config_path, world, out):
+  """The base model's evaluation (the 'before' row)."""
+  path = os.path.join(out, "base_eval.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  from leapalign_jax import components, evaluate, sharding
+
+  config = configs_io.load_config(config_path, [f"world_options.dir={world!r}"])
+  config = components.prepare_world(config, out)
+  comps = components.load(config, sharding.mesh_from_config(config.mesh))
+  summary = evaluate.evaluate(comps, comps.params, out, "base")
+  with open(path, "w") as f:
+    json.dump(summary, f)
+  return summary
+
+
+def table(base, records, names) -> str:
+  head = ["variant", *COLUMNS, "step s", "temp MiB"]
+  rows = [
+    "| " + " | ".join(head) + " |",
+    "|" + "---|" * len(head),
+    "| base model | "
+    + " | ".join(f"{base[c]:.3f}" for c in COLUMNS)
+    + " | | |",
+  ]
+  for name in names:
+    rs = [r for r in records if r["variant"] == name]
+    if not rs:
+      continue
+    cells = []
+    for c in COLUMNS:
+      v = np.array([r["after"][c] for r in rs])
+      cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
+    cells.append(f"{np.mean([r['step_s'] for r in rs]):.2f}")
+    cells.append(f"{rs[0]['temp_bytes'] / 2**20:.1f}")
+    rows.append(f"| {name} (n={len(rs)}) | " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def plot(records, names, path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(9, 5))
+  for name in names:
+    curves = [np.array(r["curve"]) for r in records if r["variant"] == name]
+    if not curves:
+      continue
+    n = min(len(c) for c in curves)
+    mean = np.mean([c[:n, 1] for c in curves], 0)
+    ax.plot(curves[0][:n, 0], mean, label=name)
+  ax.set_xlabel("iteration")
+  ax.set_ylabel("training reward (window mean, mean over seeds)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default="configs/digits.py")
+  parser.add_argument("--out", default="runs/compare_methods")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  args = parser.parse_args(argv)
+  names = [n.strip() for n in args.variants.split(",")]
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+  out = os.path.abspath(args.out)
+  world = os.path.join(out, "world")
+  os.makedirs(out, exist_ok=True)
+  base = base_eval(args.config, world, out)
+  records = []
+  for seed in range(args.seeds):  # seed-major: early stops cover variants
+    for name in names:
+      records.append(run_one(args.config, world, out, name, seed, args.steps))
+      print(f"done {name} seed {seed}", file=sys.stderr, flush=True)
+  md = table(base, records, names)
+  stamp = datetime.date.today().isoformat()
+  machine = (
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+  )
+  header = (
+    f"digits world, {args.steps} iterations, seeds 0..{args.seeds - 1}, "
+    f"{stamp}, {machine}"
+  )
+  print(header + "\n\n" + md)
+  with open(os.path.join(out, "compare_methods.md"), "w") as f:
+    f.write(header + "\n\n" + md + "\n")
+  with open(os.path.join(out, "compare_methods.json"), "w") as f:
+    json.dump({"header": header, "base": base, "records": records}, f)
+  plot(records, names, os.path.join(out, "reward_curves.png"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

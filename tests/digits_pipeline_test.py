@@ -1,0 +1,135 @@
+"""The digits world's pipeline: stages, resumption, and the main job (fast)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from leapalign_jax import configs_io, data, train
+from leapalign_jax.worlds import digits, digits_pipeline
+
+DIGITS = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py")
+STAGE_OUTPUTS = ("vae", "transformer", "reward_clip", "evaluator.npz")
+
+
+def fast(*overrides):
+  return configs_io.load_config(DIGITS + ":fast", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """One fast world, prepared once for the module."""
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  config = digits_pipeline.prepare(fast(), workdir)
+  return workdir, config
+
+
+def test_prompt_split_is_balanced_and_disjoint():
+  config = fast("world_options.num_train_prompts=300")
+  opts = digits_pipeline.options(config)
+  world = digits_pipeline.world_config(config)
+  trains, evals = digits_pipeline.split_prompts(world, opts, seed=0)
+  combos = {(r["digit"], r["colour"], r["position"]) for r in evals}
+  # Every digit x colour x position exactly once, in held-out phrasings.
+  assert len(evals) == len(combos) == 10 * 5 * 5
+  assert {r["template"] for r in evals} == {4}
+  assert len(trains) == 300 and all(r["template"] != 4 for r in trains)
+  assert not {r["prompt"] for r in trains} & {r["prompt"] for r in evals}
+  again = digits_pipeline.split_prompts(world, opts, seed=0)
+  assert again == (trains, evals)
+  # Prompt indices agree with digits.all_prompts.
+  every = digits.all_prompts(world)
+  for r in evals[:20]:
+    idx = digits_pipeline.prompt_index(
+      world,
+      r["digit"],
+      world.colours.index(r["colour"]),
+      world.positions.index(r["position"]),
+      r["template"],
+    )
+    assert every[int(idx)] == r["prompt"]
+
+
+def test_pretraining_mix_makes_digits_rare():
+  config = fast("world_options.pretrain_images=4000")
+  config.world_options.update(rare_digits=(5, 6), rare_factor=0.1)
+  opts = digits_pipeline.options(config)
+  world = digits_pipeline.world_config(config)
+  batch = digits_pipeline.pretrain_set(world, opts, seed=0)
+  counts = np.bincount(batch.prompt_set.digit, minlength=10)
+  assert counts[[5, 6]].max() < 0.25 * counts[[0, 1, 2, 3, 4]].min()
+
+
+def test_unknown_option_is_refused(tmp_path):
+  config = fast()
+  config.world_options.unlock()
+  config.world_options.flux_stpes = 3
+  with pytest.raises(ValueError, match="flux_stpes"):
+    digits_pipeline.prepare(config, str(tmp_path))
+
+
+def test_stages_write_loadable_checkpoints(built):
+  from leapalign_jax.convert import load_autoencoder, load_clip, load_flux
+
+  workdir, config = built
+  folder = os.path.join(workdir, "world")
+  for name in STAGE_OUTPUTS:
+    assert os.path.exists(os.path.join(folder, name)), name
+  with open(os.path.join(folder, "stages.json")) as f:
+    stages = json.load(f)
+  assert set(stages) == {"autoencoder", "flux", "reward", "evaluator"}
+  for name in ("autoencoder", "flux", "reward"):
+    assert np.isfinite(stages[name]["loss"]) and stages[name]["steps"] == 2
+  flux_cfg, _ = load_flux(config.flux.path)
+  ae_cfg, _ = load_autoencoder(config.vae.path)
+  assert flux_cfg.in_channels == 4 * ae_cfg.z_channels == 16
+  # The autoencoder's latent normalisation was measured, not Flux's.
+  assert ae_cfg.scale_factor != 0.3611
+  clip_cfg, _ = load_clip(config.rewards.clip.path)
+  assert clip_cfg.vision.image_size == config.sampling.height
+  assert len(data.PromptCache(config.data.eval_cache)) == 250
+
+
+def test_prepare_resumes_only_missing_stages(built, tmp_path):
+  import shutil
+
+  workdir, config = built
+  folder = os.path.join(workdir, "world")
+  copy = str(tmp_path / "world")
+  shutil.copytree(folder, copy)
+  mtimes = {n: os.path.getmtime(os.path.join(copy, n)) for n in STAGE_OUTPUTS}
+  shutil.rmtree(os.path.join(copy, "reward_clip"))
+  cfg = fast(f"world_options.dir={copy!r}")
+  digits_pipeline.prepare(cfg, str(tmp_path))
+  assert os.path.isdir(os.path.join(copy, "reward_clip"))
+  for n in ("vae", "transformer", "evaluator.npz"):
+    assert os.path.getmtime(os.path.join(copy, n)) == mtimes[n], n
+  # A different option set must not silently reuse this world.
+  other = fast(f"world_options.dir={copy!r}", "world_options.flux_steps=3")
+  with pytest.raises(ValueError, match="flux_steps"):
+    digits_pipeline.prepare(other, str(tmp_path))
+
+
+def test_main_job_end_to_end(built, tmp_path):
+  workdir, _ = built
+  world_dir = os.path.join(workdir, "world")
+  config = fast(f"world_options.dir={world_dir!r}")
+  out = train.train_and_evaluate(config, str(tmp_path))
+  folder = tmp_path / "eval"
+  for tag in ("before", "after"):
+    with open(folder / tag / "eval.json") as f:
+      summary = json.load(f)
+    for key in ("reward/clip", "eval/digit", "eval/colour", "eval/position"):
+      assert np.isfinite(summary[key]), key
+    text = (folder / tag / "samples.jsonl").read_text()
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert len(lines) == config.eval.num_prompts
+    for line in lines:
+      assert {"file", "prompt", "seed", "digit", "colour", "position"} <= set(
+        line
+      )
+      assert (folder / tag / line["file"]).exists()
+    assert (folder / tag / "grid.png").exists()
+  assert out["after"]["eval/digit"] == summary["eval/digit"]
+  assert "eval/digit" in (folder / "summary.md").read_text()
