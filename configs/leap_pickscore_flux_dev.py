@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "pickscore": {
         "weight": 1.0,
         "path": path,
+        "variant": "vit-h-14",
         "scale": "cosine",
         "dtype": "bfloat16",
         "remat": "full",
@@ -39,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "weight": 0.0,
         "kind": "pickscore",
         "path": path,
+        "variant": "vit-h-14",
         "scale": "logit",
         "dtype": "bfloat16",
         "remat": "full",
