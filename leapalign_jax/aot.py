@@ -145,7 +145,9 @@ class Report:
     if self.error:
       return [head, f"DOES NOT FIT: {self.error}"]
     hbm = f" of {self.hbm / gib:.2f}" if self.hbm else ""
-    parts = ", ".join(f"{k} {v / 1e15:.2f}" for k, v in self.flops_parts.items())
+    parts = ", ".join(
+      f"{k} {v / 1e15:.2f}" for k, v in self.flops_parts.items()
+    )
     return [
       head,
       f"per device: arguments {self.argument / gib:.2f} GiB, outputs "
@@ -168,9 +170,8 @@ def compile_step(config, devices, topology: str = "") -> Report:
   """Compiles ``config``'s jitted train step over ``devices``; a ``Report``."""
   import jax
 
-  from leapalign_jax import components, flops, methods, sharding
+  from leapalign_jax import components, flops, methods, sharding, train
   from leapalign_jax import step as step_lib
-  from leapalign_jax import train
   from leapalign_jax.models import autoencoder
 
   mesh = sharding.mesh_from_config(config.mesh, devices)

@@ -77,9 +77,12 @@ def clip_forward(c: Any) -> tuple[float, float]:
   vision = 0.0
   if v is not None:
     patches = (v.image_size // v.patch_size) ** 2
-    vision = _tower(
-      v.hidden_size, v.intermediate_size, v.num_hidden_layers, patches + 1
-    ) + 2 * patches * v.patch_size**2 * v.num_channels * v.hidden_size
+    vision = (
+      _tower(
+        v.hidden_size, v.intermediate_size, v.num_hidden_layers, patches + 1
+      )
+      + 2 * patches * v.patch_size**2 * v.num_channels * v.hidden_size
+    )
   text = 0.0
   if t is not None:
     text = _tower(
@@ -136,7 +139,9 @@ def reward_forward(config: ml_collections.ConfigDict) -> list[tuple]:
     if float(entry.get("weight", 1.0)) == 0.0:
       continue  # evaluation-only: not computed in the training step
     kind = entry.get("kind") or name
-    variant = entry.get("variant") or ("vit-l-14" if kind == "aesthetic" else "")
+    variant = entry.get("variant") or (
+      "vit-l-14" if kind == "aesthetic" else ""
+    )
     if variant not in clip.VARIANTS:
       raise ValueError(f"rewards.{name}.variant={variant!r} is not a CLIP")
     c = clip.VARIANTS[variant]

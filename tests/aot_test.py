@@ -59,9 +59,7 @@ def test_bad_topology_names(bad):
 def test_tiny_compiles_for_a_tpu_topology(tmp_path):
   """The command end to end at tiny scale: the real TPU compiler, fast."""
   out = tmp_path / "report.json"
-  code = aot.main(
-    ["--config", TINY, "--topology", "v5e-4", "--json", str(out)]
-  )
+  code = aot.main(["--config", TINY, "--topology", "v5e-4", "--json", str(out)])
   report = json.loads(out.read_text())
   assert code == 0 and report["fits"]
   assert report["device_kind"] == "TPU v5 lite" and report["devices"] == 4
