@@ -76,7 +76,7 @@ def _granule_attr(devices: Sequence[Any]) -> str:
   return (
     "slice_index"
     if getattr(d, "slice_index", None) is not None
-    else ("process_index")
+    else "process_index"
   )
 
 
@@ -91,10 +91,17 @@ def num_granules(devices: Sequence[Any]) -> int:
   return len({getattr(d, attr) for d in devices})
 
 
-def _device_array(
-  ici: tuple[int, ...], dcn: tuple[int, ...], devices: list[Any]
+def device_grid(
+  ici: tuple[int, ...], dcn: tuple[int, ...], devices: Sequence[Any]
 ) -> np.ndarray:
-  """Devices laid out as ``ici * dcn`` following the physical topology."""
+  """Devices laid out as ``ici * dcn`` following the physical topology.
+
+  Each mesh axis has size ``ici[i] * dcn[i]``; along it, the DCN factor is
+  outermost (slice by slice), so an axis whose DCN factor is 1 never
+  crosses a slice (or, off TPU, a process): only the DCN factors pay the
+  slow network.
+  """
+  devices = list(devices)
   from jax.experimental import mesh_utils
 
   if math.prod(dcn) > 1:
@@ -154,7 +161,7 @@ def make_mesh(
       f"{num_granules(devices)}; set mesh.dcn_shape to the number of slices"
     )
   ici = mesh_shape(shape, len(devices) // n_dcn)
-  arr = _device_array(ici, dcn, devices)
+  arr = device_grid(ici, dcn, devices)
   return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
