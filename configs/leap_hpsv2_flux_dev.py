@@ -31,8 +31,9 @@ from leapalign_jax import defaults
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Paper main run; ``arg``: flux=..., hps=..., train=..., eval=..."""
-  args = defaults.parse_arg(arg, flux="", hps="", train="", eval="")
+  args = defaults.parse_arg(arg, flux="", hps="", train="", eval="", lora="0")
   c = defaults.base()  # the paper's defaults
   defaults.flux_dev_paths(c, args)
+  defaults.flux_dev_lora(c, args["lora"])
   c.rewards.hpsv2.path = args["hps"]
   return c

@@ -20,9 +20,12 @@ from leapalign_jax import defaults
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """PickScore run; ``arg``: flux=..., pickscore=..., train=..., eval=..."""
-  args = defaults.parse_arg(arg, flux="", pickscore="", train="", eval="")
+  args = defaults.parse_arg(
+    arg, flux="", pickscore="", train="", eval="", lora="0"
+  )
   c = defaults.base()
   defaults.flux_dev_paths(c, args)
+  defaults.flux_dev_lora(c, args["lora"])
   c.leap.alpha = 0.1
   c.loss.lam = 0.4
   path = args["pickscore"]
