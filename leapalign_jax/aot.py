@@ -145,17 +145,24 @@ class Report:
     if self.error:
       return [head, f"DOES NOT FIT: {self.error}"]
     hbm = f" of {self.hbm / gib:.2f}" if self.hbm else ""
-    parts = ", ".join(
-      f"{k} {v / 1e15:.2f}" for k, v in self.flops_parts.items()
-    )
+    parts = ", ".join(f"{k} {_si(v)}" for k, v in self.flops_parts.items())
     return [
       head,
       f"per device: arguments {self.argument / gib:.2f} GiB, outputs "
       f"{self.output / gib:.2f} (aliased {self.alias / gib:.2f}), temporaries "
       f"{self.temp / gib:.2f}, peak {self.peak / gib:.2f}{hbm} GiB",
-      f"model FLOPs per step: {self.flops / 1e15:.1f} PF ({parts})",
+      f"model FLOPs per step: {_si(self.flops)} ({parts}); per device "
+      f"{_si(self.flops / max(self.devices, 1))}",
       "FITS" if self.fits else "DOES NOT FIT: peak above HBM",
     ]
+
+
+def _si(flops: float) -> str:
+  """``flops`` with a decimal prefix (``75.3 PFLOP``)."""
+  for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+    if flops >= scale:
+      return f"{flops / scale:.1f} {unit}FLOP"
+  return f"{flops:.0f} FLOP"
 
 
 def _compact(error: Exception) -> str:

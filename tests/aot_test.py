@@ -80,6 +80,20 @@ def test_bad_config_is_a_one_line_error(capsys):
   assert "not divisible" in capsys.readouterr().err
 
 
+def test_exit_status_says_whether_it_fits(monkeypatch, capsys):
+  report = aot.Report("v5e-4", 4, "TPU v5 lite", {"fsdp": 4}, False, 1.0)
+  report.error = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm"
+  monkeypatch.setattr(aot, "compile_step", lambda *a, **k: report)
+  assert aot.main(["--config", TINY, "--topology", "cpu"]) == 1
+  assert "DOES NOT FIT: RESOURCE_EXHAUSTED" in capsys.readouterr().out
+  report.error, report.fits, report.flops = "", True, 3.2e15
+  assert aot.main(["--config", TINY, "--topology", "cpu"]) == 0
+  out = capsys.readouterr().out
+  assert (
+    "FITS" in out and "3.2 PFLOP" in out and "per device 800.0 TFLOP" in out
+  )
+
+
 def run_aot(*args, timeout=1800):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # no fake CPU devices: compile-only TPU ones
