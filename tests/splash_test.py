@@ -1,8 +1,8 @@
 """Splash attention: tile padding, masks, parity with XLA (Pallas interpret).
 
 The Pallas TPU kernel runs on the CPU in interpret mode (slow, so shapes stay
-small); the real kernel runs in the ``tpu`` test and is compiled by the TPU
-compiler in ``aot_test.py``.
+small); the real kernel is compiled by the TPU compiler for compile-only
+devices (libtpu, no TPU) and runs in the ``tpu`` test.
 """
 
 import dataclasses
@@ -84,6 +84,38 @@ def test_shard_map_rejects_indivisible_heads():
   )
   with pytest.raises(ValueError, match="heads 2 is not divisible by the 4"):
     jax.jit(fn).lower(*qkv((2, 16, 2, 64)))
+
+
+def test_real_kernel_compiles_for_tpu_at_flux_length():
+  """The Mosaic kernel (not the interpreter) through the TPU compiler.
+
+  Compile-only v5e devices (libtpu, no TPU): 720² with T5-512 (L = 2537,
+  padded to 2560), bf16, batch on (data, fsdp) and heads on tensor; forward
+  and all three gradients.
+  """
+  pytest.importorskip("libtpu")
+  from leapalign_jax import aot
+
+  mesh = sharding.make_mesh((1, 2, 2), aot.topology_devices("v5e-4"))
+  spec = jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+  x = jax.ShapeDtypeStruct(
+    (2, 2537, 4, 128),
+    jnp.bfloat16,
+    sharding=jax.sharding.NamedSharding(mesh, spec),
+  )
+
+  def loss(q, k, v):
+    return splash.splash_attention(q, k, v).astype(jnp.float32).sum()
+
+  grads = jax.grad(loss, argnums=(0, 1, 2))
+  fn = jax.jit(sharding.under_rules(grads, mesh, sharding.DEFAULT_RULES))
+  # conftest asks for fp32 matmuls; Mosaic refuses them on bf16 operands.
+  with pytest.raises(ValueError, match="default matmul precision"):
+    fn.lower(x, x, x)
+  with jax.default_matmul_precision("default"):
+    compiled = fn.lower(x, x, x).compile()
+  assert "tpu_custom_call" in compiled.as_text()  # the Pallas kernel
+  assert [g.shape for g in compiled.out_info] == [x.shape] * 3
 
 
 @pytest.mark.slow

@@ -123,6 +123,8 @@ def splash_attention(
   """
   if interpret is None:
     interpret = _target_platform() != "tpu"
+  if not interpret:
+    _check_precision(q.dtype)
   B, L, H, D = q.shape
   padded = padded_length(L)
   # The kernel does not scale the logits: fold 1/sqrt(D) into q (in fp32).
@@ -146,6 +148,22 @@ def splash_attention(
     )
   out_BHLD = run(q, k, v)
   return jnp.transpose(out_BHLD, (0, 2, 1, 3))[:, :L]
+
+
+def _check_precision(dtype) -> None:
+  """Mosaic rejects fp32-precision dots on bf16 operands; say so up front.
+
+  The backward kernels are traced by ``jax.grad`` outside this module, so a
+  local precision context cannot cover them: the global setting must allow
+  bf16 passes.
+  """
+  precision = str(jax.config.jax_default_matmul_precision or "default")
+  if dtype == jnp.bfloat16 and precision.lower() in ("highest", "float32"):
+    raise ValueError(
+      f"splash attention on bf16 inputs needs the default matmul precision "
+      f"(jax_default_matmul_precision={precision!r}); unset it or use "
+      "flux.attention='xla'"
+    )
 
 
 def _check_divisible(sizes: tuple[int, int], spec, mesh) -> None:
