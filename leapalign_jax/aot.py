@@ -10,7 +10,8 @@ devices of the topology (libtpu's topology description, as MaxText's
 (``train.jit_train_step``) with the real TPU compiler. Prints per-chip memory
 (``memory_analysis()``), compile time and the step's model FLOPs (counted
 analytically: ``flops``), and exits 1 when the step does not fit (the
-compiler's ``RESOURCE_EXHAUSTED``, or a peak above the chip's HBM).
+compiler's ``RESOURCE_EXHAUSTED``, or a peak above the chip's HBM or the
+``--budget-gib`` given).
 
 Needs ``pip install "jax[tpu]"`` (its pinned libtpu); no TPU. ``--topology
 cpu`` compiles for this machine's devices instead (tests; no libtpu).
@@ -34,6 +35,7 @@ import numpy as np
 # Cloud TPU names: chips = N / 2 on v4 / v5p (N counts TensorCores, two per
 # megacore chip), N on v5e / v6e. The 3-D torus shapes of v4 / v5p slices.
 _CUBES = {
+  1: (1, 1, 1),
   4: (2, 2, 1),
   8: (2, 2, 2),
   16: (2, 2, 4),
@@ -94,8 +96,10 @@ def topology_kwargs(name: str) -> dict:
   chips = math.prod(dims)
   if gen in ("v5e", "v6e") and chips <= 8:
     kw["chips_per_host_bounds"] = (*dims, 1)[:3]  # one host (v5e-8: 2x4)
-  else:
-    kw["chips_per_host_bounds"] = (2, 2, 1)
+  else:  # hosts of 2x2x1 chips, or fewer chips on a one-host slice
+    kw["chips_per_host_bounds"] = tuple(
+      min(d, b) for d, b in zip((*dims, 1)[:3], (2, 2, 1))
+    )
   return kw
 
 
@@ -144,7 +148,7 @@ class Report:
     )
     if self.error:
       return [head, f"DOES NOT FIT: {self.error}"]
-    hbm = f" of {self.hbm / gib:.2f}" if self.hbm else ""
+    hbm = f" (budget {self.hbm / gib:.2f})" if self.hbm else ""
     parts = ", ".join(f"{k} {_si(v)}" for k, v in self.flops_parts.items())
     return [
       head,
@@ -153,7 +157,7 @@ class Report:
       f"{self.temp / gib:.2f}, peak {self.peak / gib:.2f}{hbm} GiB",
       f"model FLOPs per step: {_si(self.flops)} ({parts}); per device "
       f"{_si(self.flops / max(self.devices, 1))}",
-      "FITS" if self.fits else "DOES NOT FIT: peak above HBM",
+      "FITS" if self.fits else "DOES NOT FIT: peak above the budget",
     ]
 
 
@@ -173,8 +177,14 @@ def _compact(error: Exception) -> str:
   return text.splitlines()[0][:400] if text else type(error).__name__
 
 
-def compile_step(config, devices, topology: str = "") -> Report:
-  """Compiles ``config``'s jitted train step over ``devices``; a ``Report``."""
+def compile_step(
+  config, devices, topology: str = "", budget_bytes: int = 0
+) -> Report:
+  """Compiles ``config``'s jitted train step over ``devices``; a ``Report``.
+
+  ``budget_bytes`` (default: the chip's HBM) is the per-device peak the step
+  must stay under to fit.
+  """
   import jax
 
   from leapalign_jax import components, flops, methods, sharding, train
@@ -230,7 +240,7 @@ def compile_step(config, devices, topology: str = "") -> Report:
   report.peak = int(getattr(mem, "peak_memory_in_bytes", 0)) or (
     report.argument + report.output - report.alias + report.temp
   )
-  report.hbm = int(HBM_BYTES.get(kind, 0))
+  report.hbm = int(budget_bytes or HBM_BYTES.get(kind, 0))
   report.fits = not report.hbm or report.peak <= report.hbm
   return report
 
@@ -243,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     "--topology", required=True, help="v5p-64, v5e-16, v5p:2x2x1, ... or cpu"
   )
   parser.add_argument("--num-slices", type=int, default=1)
+  parser.add_argument(
+    "--budget-gib",
+    type=float,
+    default=0.0,
+    help="fit threshold per device instead of the chip's HBM (e.g. 74.5 "
+    "for an 80 GB GPU's budget, compiled for one v5p chip: a proxy)",
+  )
   parser.add_argument("--json", default="", help="also write the report here")
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
@@ -255,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     config = configs_io.load_config(args.config, args.overrides)
     devices = topology_devices(args.topology, args.num_slices)
-    report = compile_step(config, devices, args.topology)
+    budget = int(args.budget_gib * 2**30)
+    report = compile_step(config, devices, args.topology, budget)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

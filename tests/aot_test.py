@@ -40,6 +40,7 @@ needs_libtpu = pytest.mark.skipif(
     ("v6e-256", "v6e:16x16", (2, 2, 1)),
     ("v5e-1", "v5e:1x1", (1, 1, 1)),
     ("v5p:2x2x1", "v5p:2x2x1", (2, 2, 1)),
+    ("v5p-2", "v5p:1x1x1", (1, 1, 1)),
   ],
 )
 def test_topology_names(name, topology, chips_per_host):
