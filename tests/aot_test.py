@@ -111,13 +111,18 @@ def run_aot(*args, timeout=1800):
 @pytest.mark.slow
 @needs_libtpu
 def test_paper_setting_fits_v5p_64(tmp_path):
-  """FLUX.1-dev full fine-tune, 720², batch 64, HPSv2.1: fits a v5p-64."""
+  """FLUX.1-dev full fine-tune, 720², batch 64, HPSv2.1: fits a v5p-64.
+
+  Measured here: 749 s to compile on 2 shared cores, 8.9 GiB of host RAM,
+  peak 15.78 GiB per chip (of 95.74).
+  """
   out = tmp_path / "report.json"
   proc = run_aot("--config", PAPER, "--topology", "v5p-64", "--json", str(out))
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["fits"] and report["devices"] == 32
   assert report["peak"] < report["hbm"]
+  assert report["peak"] < 20 * 2**30  # 15.78 GiB measured: a regression
   # 64 images x (25 forwards + 2 x 3 for the two differentiated calls) x
   # ~37.3 TF per forward, plus decoder and reward.
   assert 74e15 < report["flops"] < 77e15
