@@ -74,11 +74,15 @@ def build(config: ml_collections.ConfigDict, mesh) -> AbstractRun:
     scan_layers=f.scan_layers,
   )
 
+  paths: list[str] = []  # strings cannot leave eval_shape's trace
+
   def build():
     model = flux.Flux(flux_cfg, rngs=nnx.Rngs(0))
-    return model, components._add_lora(config, model)
+    paths.extend(components._add_lora(config, model))
+    return model
 
-  model, lora_paths = nnx.eval_shape(build)
+  model = nnx.eval_shape(build)
+  lora_paths = tuple(paths)
   if lora_paths:
     graphdef, params, frozen_flux = nnx.split(model, nnx.LoRAParam, nnx.Param)
     frozen_flux = _with_shardings(
