@@ -35,7 +35,12 @@ DEFAULT_RULES = (
   ("embed", "fsdp"),
   ("mlp", "tensor"),
   ("heads", "tensor"),
-  ("mod", "tensor"),
+  # adaLN modulation outputs stay off `tensor`: with both `mod` and `mlp` on
+  # a tensor axis of 2, the partitioned step's forward differed from the
+  # one-device step (reward -0.2547 vs -0.2598, tests/sharding_test.py
+  # 2x2x2; XLA CPU, jax 0.10.2; not root-caused). Each alone matches. The
+  # kernels are still FSDP-sharded on `embed`.
+  ("mod", None),
   ("vocab", "tensor"),
   ("kv", None),
   ("qkv", None),
