@@ -127,8 +127,8 @@ def run_aot(*args, timeout=1800):
 def test_paper_setting_fits_v5p_64(tmp_path):
   """FLUX.1-dev full fine-tune, 720², batch 64, HPSv2.1: fits a v5p-64.
 
-  Measured here: 749 s to compile on 2 shared cores, 8.9 GiB of host RAM,
-  peak 15.78 GiB per chip (of 95.74).
+  Measured here: 268-749 s to compile on 2 shared cores (load-dependent),
+  8.9 GiB of host RAM, peak 15.78 GiB per chip (of 95.74).
   """
   out = tmp_path / "report.json"
   proc = run_aot("--config", PAPER, "--topology", "v5p-64", "--json", str(out))
