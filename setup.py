@@ -56,6 +56,14 @@ EXTRAS_REQUIRE = {
     "scikit-image>=0.24",
     "pytest>=8.0",
     "ruff>=0.6",
+    # The pod-fit check compiles for TPU topologies on a CPU host: jax[tpu]
+    # pins the libtpu matching jax (tests/aot_test.py).
+    "jax[tpu]>=0.10.2",
+    # notebooks/ executed top to bottom (tests/notebook_test.py).
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+    "matplotlib>=3.8",
   ],
 }
 

@@ -19,9 +19,20 @@ Expected (paper, Table 2): HPSv2.1 0.3078 (FLUX.1-dev) → 0.4092; DRTune
 0.3882, DRaFT-LV 0.3859, ReFL 0.3852 (select them with ``--config.method``).
 
 Hardware: the paper used 16 GPUs (type not reported). The fp32 state (params,
-EMA, Adam moments) is ~238 GB before activations, so the default mesh shards
-everything FSDP over all devices; see README "Scale out" for the pod-fit
-figures.
+EMA, Adam moments) is ~238 GB before activations, so the default mesh
+(``mesh.shape=(1, -1, 1)``) shards everything FSDP over all devices, with
+per-block remat (``flux.remat="full"``), the setting measured below.
+Pod-fit check (``python -m leapalign_jax.aot --config <this> --topology
+v5p-32``; TPU compiler's plan per chip, compiled on a CPU host):
+
+  v5p-32 (16 chips): peak 29.58 GiB of 95.74 (arguments 13.08, temps 24.55)
+  v5p-64 (32 chips): peak 15.78 GiB of 95.74 (arguments 7.53, temps 12.42)
+  75.3 PFLOP per step (model FLOPs, analytical; 4.7 PFLOP per v5p-32 chip)
+
+``:lora=1`` trains LoRA adapters (rank 64) over bf16 base weights instead
+(an 80 GB GPU's budget, checked on one v5p chip as a proxy: ``--topology
+v5p-2 --budget-gib 74.5 data.global_batch=4``: peak 47.49 GiB, arguments
+27.68, temps 28.02; the GPU compiler plans memory differently).
 """
 
 import ml_collections
@@ -30,9 +41,10 @@ from leapalign_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Paper main run; ``arg``: flux=..., hps=..., train=..., eval=..."""
-  args = defaults.parse_arg(arg, flux="", hps="", train="", eval="")
+  """Paper main run; ``arg``: flux=, hps=, train=, eval=, lora=0|1."""
+  args = defaults.parse_arg(arg, flux="", hps="", train="", eval="", lora="0")
   c = defaults.base()  # the paper's defaults
   defaults.flux_dev_paths(c, args)
+  defaults.flux_dev_lora(c, args["lora"])
   c.rewards.hpsv2.path = args["hps"]
   return c

@@ -11,6 +11,11 @@ and evaluation also reports the usual ×100 PickScore (a weight-0 entry).
 
 Expected (paper, Table 3): PickScore 22.79 (FLUX.1-dev) → 25.76; DRTune
 25.10, DRaFT-LV 24.96, ReFL 25.24.
+
+Hardware: as ``leap_hpsv2_flux_dev.py`` (same DiT, VAE, batch, mesh
+``(1, -1, 1)`` FSDP and ``remat="full"``; a ViT-H/14 reward of the same size,
+which is 0.1 % of the step's FLOPs): measured there, peak 29.58 GiB per chip
+on a v5p-32 and 15.78 GiB on a v5p-64. ``:lora=1`` as there.
 """
 
 import ml_collections
@@ -19,10 +24,13 @@ from leapalign_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """PickScore run; ``arg``: flux=..., pickscore=..., train=..., eval=..."""
-  args = defaults.parse_arg(arg, flux="", pickscore="", train="", eval="")
+  """PickScore run; ``arg``: flux=, pickscore=, train=, eval=, lora=0|1."""
+  args = defaults.parse_arg(
+    arg, flux="", pickscore="", train="", eval="", lora="0"
+  )
   c = defaults.base()
   defaults.flux_dev_paths(c, args)
+  defaults.flux_dev_lora(c, args["lora"])
   c.leap.alpha = 0.1
   c.loss.lam = 0.4
   path = args["pickscore"]
@@ -31,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "pickscore": {
         "weight": 1.0,
         "path": path,
+        "variant": "vit-h-14",
         "scale": "cosine",
         "dtype": "bfloat16",
         "remat": "full",
@@ -39,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "weight": 0.0,
         "kind": "pickscore",
         "path": path,
+        "variant": "vit-h-14",
         "scale": "logit",
         "dtype": "bfloat16",
         "remat": "full",

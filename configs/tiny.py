@@ -29,8 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   if arg:
     c.method = arg
-  c.flux.update(dtype="float32", remat="none")
-  c.vae.update(dtype="float32", remat="none")
+  # variants: the architectures `aot` compiles (the random world's own
+  # sizes are set by world_options and read from its files).
+  c.flux.update(variant="tiny", dtype="float32", remat="none")
+  c.vae.update(variant="tiny", dtype="float32", remat="none")
   c.text.update(
     clip_max_length=16,
     t5_max_length=16,
@@ -40,7 +42,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cache_dtype="float32",
   )
   c.rewards = ml_collections.ConfigDict(
-    {"clip": {"weight": 1.0, "path": "", "dtype": "float32", "remat": "none"}}
+    {
+      "clip": {
+        "weight": 1.0,
+        "path": "",
+        "variant": "tiny",
+        "dtype": "float32",
+        "remat": "none",
+      }
+    }
   )
   c.data.global_batch = 8
   c.sampling.update(height=32, width=32, num_steps=4, guidance=3.5)

@@ -122,16 +122,7 @@ class Components:
 
   def abstract_state(self, tx):
     """Shapes and shardings of the train state (for restoring)."""
-    shardings = jax.tree.map(lambda x: x.sharding, self.params)
-    abstract = jax.eval_shape(
-      lambda p: step_lib.init_state(p, tx, self.config.seed), self.params
-    )
-    out = sharding.state_shardings(tx, abstract, shardings, self.mesh)
-    return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract,
-      out,
-    )
+    return abstract_train_state(self.params, tx, self.config.seed, self.mesh)
 
   def reward_each(self, reward_params, images, ids) -> dict[str, jax.Array]:
     """Every configured reward separately, ``{name: r_B}`` (evaluation)."""
@@ -154,13 +145,16 @@ class Components:
   # --- data ---------------------------------------------------------------
 
   def train_batches(self):
-    per_host = self.config.data.global_batch // jax.process_count()
+    """This host's block of every global batch (``sharding.put_batch``)."""
+    global_batch = self.config.data.global_batch
+    blocks = sharding.host_batch_blocks(self.mesh, global_batch)
+    count = len(set(blocks.values()))
     return data.batches(
       self.train_cache,
-      per_host,
+      global_batch // count,
       seed=self.config.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+      process_index=blocks[jax.process_index()],
+      process_count=count,
     )
 
   @staticmethod
@@ -232,9 +226,35 @@ class Components:
     )
 
 
+def abstract_train_state(params, tx, seed: int, mesh):
+  """``ShapeDtypeStruct`` s (with shardings) of the state over ``params``.
+
+  ``params`` are arrays or ``ShapeDtypeStruct`` s that carry shardings.
+  """
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, seed), params)
+  out = sharding.state_shardings(tx, abstract, shardings, mesh)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    abstract,
+    out,
+  )
+
+
+def abstract(config: ml_collections.ConfigDict, mesh):
+  """The run's step inputs from ``*.variant`` fields, without any weights.
+
+  Same graph, shardings and step functions as ``load``, built with
+  ``nnx.eval_shape`` (``abstract_run.AbstractRun``): the input of the
+  ahead-of-time compile (``leapalign_jax.aot``).
+  """
+  from leapalign_jax import abstract_run
+
+  return abstract_run.build(config, mesh)
+
+
 def _load_flux(config, mesh):
   from leapalign_jax.convert import load_flux
-  from leapalign_jax.models import lora as lora_lib
 
   rules = config.mesh.rules
   f = config.flux
@@ -247,24 +267,35 @@ def _load_flux(config, mesh):
     scan_layers=f.scan_layers,
     sharding=lambda state: sharding.logical_to_mesh(state, mesh, rules),
   )
-  lora_paths: tuple[str, ...] = ()
-  if config.lora.enabled:
-    lora_paths = tuple(
-      lora_lib.add_lora(
-        model,
-        config.lora.targets,
-        config.lora.rank,
-        config.lora.alpha,
-        rngs=nnx.Rngs(config.seed),
-        param_dtype=jnp.dtype(f.param_dtype),
-      )
-    )
+  lora_paths = _add_lora(config, model)
+  if lora_paths:
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
     params = _place(params, mesh, rules, True)
   else:
     graphdef, params = nnx.split(model, nnx.Param)
     frozen = None
   return flux_cfg, graphdef, params, frozen, lora_paths
+
+
+def _add_lora(config, model) -> tuple[str, ...]:
+  """LoRA adapters on ``model`` when configured; their module paths."""
+  from leapalign_jax.models import lora as lora_lib
+
+  if not config.lora.enabled:
+    return ()
+  return tuple(
+    lora_lib.add_lora(
+      model,
+      config.lora.targets,
+      config.lora.rank,
+      config.lora.alpha,
+      rngs=nnx.Rngs(config.seed),
+      # Adapters train in fp32 even over a bf16 base (flux.param_dtype).
+      param_dtype=jnp.dtype(
+        config.lora.get("param_dtype") or config.flux.param_dtype
+      ),
+    )
+  )
 
 
 def load(config: ml_collections.ConfigDict, mesh) -> Components:
@@ -283,19 +314,7 @@ def load(config: ml_collections.ConfigDict, mesh) -> Components:
   reward = rewards.build(config.rewards)
   reward_params = _place(reward.params, mesh, rules, shard)
 
-  s = config.sampling
-  lh, lw, zc = ae_cfg.latent_shape(s.height, s.width)
-  if lh % 2 or lw % 2:
-    raise ConfigError(
-      f"sampling {s.height}x{s.width} gives a {lh}x{lw} latent; the packed "
-      "2x2 patches need even latent sides"
-    )
-  if 4 * zc != flux_cfg.in_channels:
-    raise ConfigError(
-      f"the autoencoder has {zc} latent channels but Flux expects "
-      f"{flux_cfg.in_channels // 4}; they do not belong together"
-    )
-  geo = Geometry(s.height, s.width, lh, lw, zc)
+  geo = _geometry(config, ae_cfg, flux_cfg)
   train_cache = data.PromptCache(config.data.train_cache)
   eval_cache = (
     data.PromptCache(config.data.eval_cache) if config.data.eval_cache else None
@@ -309,6 +328,51 @@ def load(config: ml_collections.ConfigDict, mesh) -> Components:
         "encoders; re-embed one of them"
       )
 
+  step_fns, sigmas = make_step_fns(
+    config, graphdef, flux_cfg, geo, decode, reward
+  )
+  return Components(
+    config=config,
+    mesh=mesh,
+    flux_config=flux_cfg,
+    graphdef=graphdef,
+    params=params,
+    frozen={"flux": frozen_flux, "vae": vae_params, "reward": reward_params},
+    step_fns=step_fns,
+    sigmas=sigmas,
+    geometry=geo,
+    train_cache=train_cache,
+    eval_cache=eval_cache,
+    decode=decode,
+    reward=reward,
+    lora_paths=lora_paths,
+  )
+
+
+def _geometry(config, ae_cfg, flux_cfg) -> Geometry:
+  """Image / latent sizes of the run; checks the VAE and Flux fit together."""
+  s = config.sampling
+  lh, lw, zc = ae_cfg.latent_shape(s.height, s.width)
+  if lh % 2 or lw % 2:
+    raise ConfigError(
+      f"sampling {s.height}x{s.width} gives a {lh}x{lw} latent; the packed "
+      "2x2 patches need even latent sides"
+    )
+  if 4 * zc != flux_cfg.in_channels:
+    raise ConfigError(
+      f"the autoencoder has {zc} latent channels but Flux expects "
+      f"{flux_cfg.in_channels // 4}; they do not belong together"
+    )
+  return Geometry(s.height, s.width, lh, lw, zc)
+
+
+def make_step_fns(config, graphdef, flux_cfg, geo: Geometry, decode, reward):
+  """The step's velocity / reward / noise functions and its sigma grid.
+
+  Shared by ``load`` (real weights) and ``abstract`` (shapes only), so the
+  ahead-of-time compile builds exactly the training program.
+  """
+  s = config.sampling
   guidance = float(s.guidance) if flux_cfg.guidance_embed else None
   h_tok, w_tok = geo.tokens
 
@@ -334,26 +398,13 @@ def load(config: ml_collections.ConfigDict, mesh) -> Components:
     return reward.score(frozen["reward"], images, batch["reward_ids"])
 
   def noise(key, batch_size):
-    z = jax.random.normal(key, (batch_size, lh, lw, zc), jnp.float32)
+    z = jax.random.normal(
+      key, (batch_size, geo.latent_h, geo.latent_w, geo.channels), jnp.float32
+    )
     return sampling.pack(z)
 
   sigmas = sampling.get_schedule(s.num_steps, geo.seq_len, shift=s.shift)
-  return Components(
-    config=config,
-    mesh=mesh,
-    flux_config=flux_cfg,
-    graphdef=graphdef,
-    params=params,
-    frozen={"flux": frozen_flux, "vae": vae_params, "reward": reward_params},
-    step_fns=step_lib.StepFns(velocity, reward_fn, noise),
-    sigmas=sigmas,
-    geometry=geo,
-    train_cache=train_cache,
-    eval_cache=eval_cache,
-    decode=decode,
-    reward=reward,
-    lora_paths=lora_paths,
-  )
+  return step_lib.StepFns(velocity, reward_fn, noise), sigmas
 
 
 def _check_cache(cache: data.PromptCache, flux_cfg, reward) -> None:

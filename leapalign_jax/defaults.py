@@ -25,6 +25,8 @@ def base() -> ml_collections.ConfigDict:
   c.flux = ml_collections.ConfigDict(
     {
       "path": "",  # BFL file or diffusers folder / FLUX.1-dev snapshot root
+      # Architecture (models.flux.VARIANTS) for `aot`; loading reads the file.
+      "variant": "dev",
       "dtype": "bfloat16",  # compute
       "param_dtype": "float32",  # master weights
       "remat": "full",  # per-block: none | full | dots | names
@@ -33,7 +35,7 @@ def base() -> ml_collections.ConfigDict:
     }
   )
   c.vae = ml_collections.ConfigDict(
-    {"path": "", "dtype": "bfloat16", "remat": "full"}
+    {"path": "", "variant": "flux", "dtype": "bfloat16", "remat": "full"}
   )
   # Text encoders for the prompt-embedding cache (embed_prompts) and sample.
   c.text = ml_collections.ConfigDict(
@@ -53,7 +55,15 @@ def base() -> ml_collections.ConfigDict:
   )
   # name -> {weight, path, options}; see leapalign_jax.rewards.
   c.rewards = ml_collections.ConfigDict(
-    {"hpsv2": {"weight": 1.0, "path": "", "dtype": "bfloat16", "remat": "full"}}
+    {
+      "hpsv2": {
+        "weight": 1.0,
+        "path": "",
+        "variant": "vit-h-14",  # OpenCLIP ViT-H-14 (abstract builds, aot)
+        "dtype": "bfloat16",
+        "remat": "full",
+      }
+    }
   )
   c.data = ml_collections.ConfigDict(
     {
@@ -88,6 +98,7 @@ def base() -> ml_collections.ConfigDict:
       "rank": 64,
       "alpha": 64.0,
       "targets": FLUX_TARGETS,
+      "param_dtype": "float32",  # adapters (the base keeps flux.param_dtype)
     }
   )
   c.train = ml_collections.ConfigDict(
@@ -114,7 +125,11 @@ def base() -> ml_collections.ConfigDict:
   )
   c.mesh = ml_collections.ConfigDict(
     {
-      "shape": (1, -1, 1),  # (data, fsdp, tensor); -1 fills the devices
+      # (data, fsdp, tensor) within a slice (ICI); -1 fills the devices.
+      "shape": (1, -1, 1),
+      # Factors across TPU slices (DCN; multi-slice jobs), or across
+      # processes off TPU; the mesh is shape * dcn_shape.
+      "dcn_shape": (1, 1, 1),
       "num_devices": 0,  # use only the first N devices (0: all of them)
       "rules": DEFAULT_RULES,
       "shard_frozen": False,  # shard VAE / reward params like Flux's
@@ -166,3 +181,16 @@ def flux_dev_paths(c: ml_collections.ConfigDict, args: dict[str, str]) -> None:
   )
   c.data.train_cache = args["train"]
   c.data.eval_cache = args["eval"]
+
+
+def flux_dev_lora(c: ml_collections.ConfigDict, lora: str) -> None:
+  """``lora=1``: train LoRA adapters only, over bf16 base weights.
+
+  The frozen 11.9 B base then takes 24 GB instead of 48 (fp32) and needs no
+  optimizer state; the adapters keep fp32 (``lora.param_dtype``).
+  """
+  if lora not in ("0", "1"):
+    raise ValueError(f"config argument lora={lora!r}: use lora=0 or lora=1")
+  if lora == "1":
+    c.lora.enabled = True
+    c.flux.param_dtype = "bfloat16"

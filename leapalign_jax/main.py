@@ -8,8 +8,11 @@ distributed runtime is initialised before anything else touches a device.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,19 +26,63 @@ flags.DEFINE_string(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (jax._src.hardware_utils)
 
-def _multi_process() -> bool:
-  """True on a multi-host TPU slice or a multi-process GPU job."""
-  env = os.environ
+
+def _tpu_vm() -> bool:
+  """True on a Cloud TPU VM (TPU chips on the PCI bus, as JAX checks)."""
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def distributed_kwargs(
+  env: Mapping[str, str], on_tpu_vm: bool = False
+) -> dict[str, Any] | None:
+  """Arguments for ``jax.distributed.initialize``, or None (one process).
+
+  - ``LEAPALIGN_DISTRIBUTED=0|1`` forces the decision (auto-detection).
+  - ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``
+    (what ``launch/slurm.sbatch`` exports: one process per node driving all
+    its GPUs) are passed explicitly with cluster detection off. JAX does not
+    read the last two itself, and its SLURM auto-detection would give each
+    process only GPU ``SLURM_LOCALID`` (its one-process-per-GPU layout).
+  - Otherwise JAX auto-detects: a coordinator address alone, a multi-task
+    SLURM step (one process per GPU), GKE / multi-slice TPU environment
+    variables, and every Cloud TPU VM (``launch/tpu.sh`` sets nothing; JAX
+    reads the worker list from the metadata server, and one host is a
+    one-process job).
+  """
+  forced = env.get("LEAPALIGN_DISTRIBUTED", "")
+  if forced == "0":
+    return None
+  coordinator = env.get("JAX_COORDINATOR_ADDRESS", "")
+  num, pid = env.get("JAX_NUM_PROCESSES", ""), env.get("JAX_PROCESS_ID", "")
+  if coordinator and num and pid:
+    if int(num) <= 1 and forced != "1":
+      return None
+    return {
+      "coordinator_address": coordinator,
+      "num_processes": int(num),
+      "process_id": int(pid),
+      "cluster_detection_method": "deactivate",
+    }
+  hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
   if (
-    env.get("JAX_COORDINATOR_ADDRESS")
-    or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
+    forced == "1"
+    or coordinator
+    or int(env.get("SLURM_NTASKS", "1")) > 1
+    or len([h for h in (hosts or "").split(",") if h]) > 1
+    or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1
+    or on_tpu_vm
   ):
-    return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+    return {}
+  return None
 
 
 def _setup_logging() -> None:
@@ -62,8 +109,9 @@ def main(argv):
   _setup_logging()
   import jax
 
-  if _multi_process():
-    jax.distributed.initialize()
+  kwargs = distributed_kwargs(os.environ, _tpu_vm())
+  if kwargs is not None:
+    jax.distributed.initialize(**kwargs)
   import logging as std_logging
 
   from leapalign_jax import train

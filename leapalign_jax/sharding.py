@@ -9,6 +9,7 @@ per-host slices.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+_LOG = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -28,10 +31,16 @@ DEFAULT_RULES = (
   ("activation_batch", BATCH_AXES),
   ("activation_length", None),
   ("activation_embed", None),
+  ("activation_heads", "tensor"),
   ("embed", "fsdp"),
   ("mlp", "tensor"),
   ("heads", "tensor"),
-  ("mod", "tensor"),
+  # adaLN modulation outputs stay off `tensor`: with both `mod` and `mlp` on
+  # a tensor axis of 2, the partitioned step's forward differed from the
+  # one-device step (reward -0.2547 vs -0.2598, tests/sharding_test.py
+  # 2x2x2; XLA CPU, jax 0.10.2; not root-caused). Each alone matches. The
+  # kernels are still FSDP-sharded on `embed`.
+  ("mod", None),
   ("vocab", "tensor"),
   ("kv", None),
   ("qkv", None),
@@ -66,24 +75,108 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
+def _granule_attr(devices: Sequence[Any]) -> str:
+  """What groups devices into DCN granules: TPU slices, else processes."""
+  d = devices[0]
+  return (
+    "slice_index"
+    if getattr(d, "slice_index", None) is not None
+    else "process_index"
+  )
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """Number of TPU slices the devices span (1 off TPU)."""
+  return len({getattr(d, "slice_index", None) or 0 for d in devices})
+
+
+def num_granules(devices: Sequence[Any]) -> int:
+  """Number of TPU slices (or processes, off TPU) the devices span."""
+  attr = _granule_attr(devices)
+  return len({getattr(d, attr) for d in devices})
+
+
+def device_grid(
+  ici: tuple[int, ...], dcn: tuple[int, ...], devices: Sequence[Any]
+) -> np.ndarray:
+  """Devices laid out as ``ici * dcn`` following the physical topology.
+
+  Each mesh axis has size ``ici[i] * dcn[i]``; along it, the DCN factor is
+  outermost (slice by slice), so an axis whose DCN factor is 1 never
+  crosses a slice (or, off TPU, a process): only the DCN factors pay the
+  slow network.
+  """
+  devices = list(devices)
+  from jax.experimental import mesh_utils
+
+  if math.prod(dcn) > 1:
+    return mesh_utils.create_hybrid_device_mesh(
+      ici,
+      dcn,
+      devices,
+      process_is_granule=_granule_attr(devices) == "process_index",
+      allow_split_physical_axes=True,
+    )
+  try:
+    return mesh_utils.create_device_mesh(
+      ici, devices, allow_split_physical_axes=True
+    )
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    # A subset of a TPU slice (``mesh.num_devices``) may not form a torus;
+    # a plain reshape is still a correct mesh, only a slower one.
+    _LOG.warning("mesh %s: not topology-aware (%s); plain order", ici, e)
+    return np.asarray(devices).reshape(ici)
+
+
 def make_mesh(
-  shape: Sequence[int], devices: Sequence[Any] | None = None
+  shape: Sequence[int],
+  devices: Sequence[Any] | None = None,
+  dcn_shape: Sequence[int] | None = None,
 ) -> Mesh:
   """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all).
+
+  Args:
+    shape: the per-slice (ICI) factors; one entry may be -1.
+    devices: the devices (default ``jax.devices()``; compile-only topology
+      devices for ``aot``).
+    dcn_shape: factors across slices (DCN), default all 1. The mesh axis
+      sizes are ``shape * dcn_shape``; a multi-slice mesh is built with
+      ``mesh_utils.create_hybrid_device_mesh`` so that only the DCN factors
+      cross slices.
 
   Axes are ``Auto``: XLA's sharding propagation fills in intermediate
   shardings from the parameter / batch placements and the constraints at
   block boundaries (``models.layers.constrain``).
   """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(shape, len(devices))
-  arr = np.asarray(devices).reshape(shape)
+  dcn = tuple(int(d) for d in (dcn_shape or (1,) * len(MESH_AXES)))
+  if len(dcn) != len(MESH_AXES) or min(dcn) < 1:
+    raise ValueError(
+      f"mesh dcn_shape {dcn} must have one positive entry per {MESH_AXES}"
+    )
+  n_dcn = math.prod(dcn)
+  if len(devices) % n_dcn:
+    raise ValueError(
+      f"mesh dcn_shape {dcn} ({n_dcn} slices) does not divide the "
+      f"{len(devices)} devices"
+    )
+  if n_dcn > 1 and num_granules(devices) != n_dcn:
+    raise ValueError(
+      f"mesh dcn_shape {dcn} asks for {n_dcn} slices but the devices span "
+      f"{num_granules(devices)}; set mesh.dcn_shape to the number of slices"
+    )
+  ici = mesh_shape(shape, len(devices) // n_dcn)
+  arr = device_grid(ici, dcn, devices)
   return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def mesh_from_config(mesh_cfg) -> Mesh:
-  """The mesh described by ``config.mesh`` (shape, optional device count)."""
-  devices = jax.devices()
+def mesh_from_config(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
+  """The mesh described by ``config.mesh`` (shape, DCN shape, device count).
+
+  ``devices`` defaults to ``jax.devices()``; ``aot`` passes the compile-only
+  devices of a TPU topology.
+  """
+  devices = list(jax.devices() if devices is None else devices)
   n = int(mesh_cfg.get("num_devices", 0) or 0)
   if n:
     if n > len(devices):
@@ -91,7 +184,28 @@ def mesh_from_config(mesh_cfg) -> Mesh:
         f"mesh.num_devices={n} but only {len(devices)} devices are visible"
       )
     devices = devices[:n]
-  return make_mesh(mesh_cfg.shape, devices)
+  return make_mesh(mesh_cfg.shape, devices, mesh_cfg.get("dcn_shape", None))
+
+
+def under_rules(fn: Callable, mesh: Mesh, rules) -> Callable:
+  """``fn`` traced with ``mesh`` and the logical ``rules`` in context.
+
+  Activates the activation constraints at block boundaries
+  (``models.layers.constrain``) and lets kernels that need explicit
+  partitioning (splash attention's ``shard_map``) see the mesh, whenever
+  ``fn`` is traced: by ``jax.jit`` at the first call or by ``aot``'s
+  ``lower``. Uses the abstract mesh, which is allowed inside ``jit``.
+  """
+  rules = rules_from_config(rules)
+
+  def wrapped(*args, **kwargs):
+    with (
+      jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+      nnx.logical_axis_rules(rules),
+    ):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
@@ -130,21 +244,67 @@ def batch_size_per_device_group(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def host_batch_blocks(mesh: Mesh, global_batch: int) -> dict[int, int]:
+  """Which block of the global batch each process feeds: ``{process: block}``.
+
+  The batch axis is split over (data, fsdp); the devices of one process
+  address a set of rows (not necessarily contiguous: a topology-aware mesh
+  interleaves hosts). Processes whose devices address the same rows (e.g. a
+  tensor axis spanning hosts) get the same block and must read the same
+  examples. A process's block is the examples ``put_batch`` places on its
+  rows in order, so the global batch is a fixed permutation of the data
+  stream; blocks are numbered by their first row.
+
+  Raises:
+    ValueError: when two processes' rows overlap without being equal (a
+      non-uniform mesh); reorder ``mesh.shape``.
+  """
+  indices = batch_sharding(mesh, 1).devices_indices_map((global_batch,))
+  rows: dict[int, set[int]] = {}
+  for device, (sl,) in indices.items():
+    rows.setdefault(device.process_index, set()).update(
+      range(*sl.indices(global_batch))
+    )
+  distinct = sorted({tuple(sorted(r)) for r in rows.values()})
+  seen: set[int] = set()
+  for r in distinct:
+    if seen & set(r) or len(r) != len(distinct[0]):
+      raise ValueError(
+        f"the mesh {dict(mesh.shape)} gives processes overlapping, unequal "
+        f"sets of batch rows (e.g. {list(r)[:8]}); reorder mesh.shape"
+      )
+    seen |= set(r)
+  block = {r: i for i, r in enumerate(distinct)}
+  return {proc: block[tuple(sorted(r))] for proc, r in rows.items()}
+
+
+def num_batch_blocks(mesh: Mesh, global_batch: int) -> int:
+  """How many distinct per-host blocks the global batch is read in."""
+  return len(set(host_batch_blocks(mesh, global_batch).values()))
+
+
 def check_batch(global_batch: int, mesh: Mesh) -> None:
   """Fails unless the global batch splits evenly over the batch axes."""
   groups = batch_size_per_device_group(mesh)
-  if global_batch % groups or global_batch % jax.process_count():
+  if global_batch % groups:
     raise ValueError(
       f"global batch {global_batch} is not divisible by the {groups} "
-      f"data x fsdp device groups of the mesh {dict(mesh.shape)} (and the "
-      f"{jax.process_count()} hosts); choose a multiple of {groups}"
+      f"data x fsdp device groups of the mesh {dict(mesh.shape)}; choose a "
+      f"multiple of {groups}"
     )
+  host_batch_blocks(mesh, global_batch)
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Global arrays from this host's slice of the batch (leading axis)."""
+  """Global arrays from this host's block of the batch (leading axis).
+
+  ``batch`` holds the rows of ``host_batch_blocks(mesh, B)[process]``.
+  """
+  blocks = num_batch_blocks(mesh, batch_size_per_device_group(mesh))
   return {
-    k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    k: jax.make_array_from_process_local_data(
+      batch_sharding(mesh, v.ndim), v, (v.shape[0] * blocks, *v.shape[1:])
+    )
     for k, v in batch.items()
   }
 

@@ -152,13 +152,38 @@ def host_choice(
 
 
 def batch_arithmetic(global_batch: int, mesh) -> str:
-  """One line: the batch per host, per device group, and the mesh."""
-  per_host = global_batch // jax.process_count()
+  """One line: the batch per host, per device group, per device; the mesh."""
+  blocks = sharding.num_batch_blocks(
+    mesh, sharding.batch_size_per_device_group(mesh)
+  )
   groups = sharding.batch_size_per_device_group(mesh)
+  slices = sharding.num_slices(list(mesh.devices.flat))
   return (
-    f"global batch {global_batch} = {jax.process_count()} host(s) x "
-    f"{per_host}; {groups} data x fsdp groups x {global_batch // groups} "
-    f"per group; mesh {dict(mesh.shape)} over {jax.device_count()} devices"
+    f"global batch {global_batch} = {blocks} host block(s) x "
+    f"{global_batch // blocks} ({jax.process_count()} process(es)); "
+    f"{groups} data x fsdp groups x {global_batch // groups} per group "
+    f"(replicated over tensor={mesh.shape['tensor']}); mesh "
+    f"{dict(mesh.shape)} over {mesh.devices.size} devices"
+    + (f", {slices} slices" if slices > 1 else "")
+  )
+
+
+def jit_train_step(
+  config, step_fns, tx, sigmas, state_shardings, frozen_shardings, mesh
+):
+  """The jitted train step: the one program both training and ``aot`` build.
+
+  Explicit state shardings keep the state's placement from step to step, so
+  one program serves the whole run and a resumed run (restored with the
+  same shardings) executes exactly the same program. The batch keeps the
+  shardings it arrives with (``sharding.put_batch``); the state is donated.
+  """
+  step = step_lib.make_train_step(config, step_fns, tx, sigmas)
+  return jax.jit(
+    sharding.under_rules(step, mesh, config.mesh.rules),
+    in_shardings=(state_shardings, frozen_shardings, None, None),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
   )
 
 
@@ -196,20 +221,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     comps.log_parameter_overview(state)
 
   writer = metrics_lib.Writer(workdir, resume_step=start)
-  # Explicit shardings: the state keeps its placement from step to step, so
-  # one program serves the whole run and a resumed run (restored with the
-  # same shardings) executes exactly the same program.
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  train_step = jax.jit(
-    step_lib.make_train_step(config, comps.step_fns, tx, comps.sigmas),
-    in_shardings=(
-      state_shardings,
-      jax.tree.map(lambda x: x.sharding, comps.frozen),
-      None,
-      None,
-    ),
-    out_shardings=(state_shardings, sharding.replicated(mesh)),
-    donate_argnums=(0,),
+  train_step = jit_train_step(
+    config,
+    comps.step_fns,
+    tx,
+    comps.sigmas,
+    jax.tree.map(lambda x: x.sharding, state),
+    jax.tree.map(lambda x: x.sharding, comps.frozen),
+    mesh,
   )
   dataset = comps.train_batches()
   timer = metrics_lib.StepTimer(config.data.global_batch)

@@ -86,7 +86,9 @@ def _plain(cfg: Any) -> dict[str, Any]:
   return dict(cfg)
 
 
-def _load(name: str, cfg: Mapping[str, Any]) -> tuple[float, Loaded]:
+def _load(
+  name: str, cfg: Mapping[str, Any], abstract: bool = False
+) -> tuple[float, Loaded]:
   cfg = dict(cfg)
   kind = cfg.pop("kind", None) or name
   if kind not in _BUILDERS:
@@ -101,7 +103,7 @@ def _load(name: str, cfg: Mapping[str, Any]) -> tuple[float, Loaded]:
     raise ValueError(
       f"rewards.{name}.weight={weight!r} is not a number"
     ) from None
-  return weight, _BUILDERS[kind](name, cfg)
+  return weight, _BUILDERS[kind](name, cfg, abstract)
 
 
 def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
@@ -126,9 +128,14 @@ def get(name: str, **cfg: Any) -> Reward:
   return _bundle({name: _load(name, cfg)})
 
 
-def build(config: Mapping[str, Any]) -> Reward:
-  """Loads every reward of ``config.rewards`` (``name -> entry``)."""
+def build(config: Mapping[str, Any], abstract: bool = False) -> Reward:
+  """Loads every reward of ``config.rewards`` (``name -> entry``).
+
+  With ``abstract`` no checkpoint is read: each reward is built from its
+  ``variant`` with abstract (``ShapeDtypeStruct``) parameters, for
+  ahead-of-time compilation (``leapalign_jax.aot``).
+  """
   items = list(config.items())
   if not items:
     raise ValueError("config.rewards is empty; configure at least one reward")
-  return _bundle({str(n): _load(str(n), _plain(c)) for n, c in items})
+  return _bundle({str(n): _load(str(n), _plain(c), abstract) for n, c in items})

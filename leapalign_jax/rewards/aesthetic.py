@@ -25,12 +25,14 @@ from flax import nnx
 
 from leapalign_jax.convert.aesthetic import load_aesthetic_head
 from leapalign_jax.convert.errors import ConversionError
+from leapalign_jax.models.aesthetic import AestheticConfig, AestheticHead
 from leapalign_jax.rewards import base, clip_score
 from leapalign_jax.rewards import preprocess as pp
 
 _DEFAULTS = {
   "path": "",
   "clip_path": "",
+  "variant": "vit-l-14",  # the CLIP tower's architecture (abstract builds)
   "dtype": "float32",
   "param_dtype": None,
   "remat": "none",
@@ -43,30 +45,41 @@ _DEFAULTS = {
 }
 
 
-def build(name: str, cfg: dict) -> base.Loaded:
-  """Loads the head and the ViT-L/14 vision tower; returns the reward."""
+def build(name: str, cfg: dict, abstract: bool = False) -> base.Loaded:
+  """Loads the head and the ViT-L/14 vision tower; returns the reward.
+
+  With ``abstract`` nothing is read: the head and ``variant``'s vision tower
+  are built with abstract parameters (``leapalign_jax.aot``).
+  """
   opts = base.options(name, cfg, _DEFAULTS)
-  path = base.require_path(
-    name,
-    "path",
-    opts["path"],
-    "point it at sac+logos+ava1-l14-linearMSE.pth (LAION "
-    "improved-aesthetic-predictor) or its .safetensors conversion",
-  )
-  clip_path = base.require_path(
-    name,
-    "clip_path",
-    opts["clip_path"],
-    "point it at OpenAI CLIP ViT-L/14 (an openai/clip-vit-large-patch14 "
-    "snapshot folder)",
-  )
   base.choice(name, "resample", opts["resample"], pp.RESAMPLE_METHODS)
   base.choice(name, "crop", opts["crop"], clip_score.CROPS)
-  try:
-    head_cfg, head = load_aesthetic_head(path)
-  except ConversionError as e:
-    raise ConversionError(f"rewards.{name}.path: {e}") from None
-  config, clip = clip_score.load_clip_model(name, clip_path, opts, ("vision",))
+  if abstract:
+    path = clip_path = "<abstract>"
+    head_cfg = AestheticConfig()
+    head = nnx.eval_shape(lambda: AestheticHead(head_cfg, rngs=nnx.Rngs(0)))
+  else:
+    path = base.require_path(
+      name,
+      "path",
+      opts["path"],
+      "point it at sac+logos+ava1-l14-linearMSE.pth (LAION "
+      "improved-aesthetic-predictor) or its .safetensors conversion",
+    )
+    clip_path = base.require_path(
+      name,
+      "clip_path",
+      opts["clip_path"],
+      "point it at OpenAI CLIP ViT-L/14 (an openai/clip-vit-large-patch14 "
+      "snapshot folder)",
+    )
+    try:
+      head_cfg, head = load_aesthetic_head(path)
+    except ConversionError as e:
+      raise ConversionError(f"rewards.{name}.path: {e}") from None
+  config, clip = clip_score.load_clip_model(
+    name, clip_path, opts, ("vision",), abstract
+  )
   if config.projection_dim != head_cfg.embed_dim:
     got = (
       "no projection"

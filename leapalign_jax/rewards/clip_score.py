@@ -46,6 +46,7 @@ state independent of the padding.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -64,6 +65,9 @@ CROPS = ("floor", "round")
 # Options every CLIP-family reward accepts (a reward adds its own defaults).
 _COMMON = {
   "path": "",
+  # Architecture (a ``models.clip.VARIANTS`` name) for abstract builds
+  # (``aot``: shapes only, no checkpoint); loading reads it from the file.
+  "variant": "",
   "dtype": "float32",  # compute dtype of the towers
   "param_dtype": None,  # storage dtype; None: ``dtype``
   "remat": "none",  # per block: none | full | dots | names
@@ -99,8 +103,50 @@ def apply_scale(cos_B: jnp.ndarray, scale: str, logit_scale) -> jnp.ndarray:
   raise ValueError(f"unknown scale {scale!r}; use one of {SCALES}")
 
 
-def load_clip_model(name: str, path: str, opts: dict[str, Any], towers):
-  """Loads the CLIP of a reward; conversion errors name the config field."""
+def abstract_clip_model(name: str, opts: dict[str, Any], towers):
+  """``(config, model)`` of ``opts["variant"]`` with abstract parameters.
+
+  For ahead-of-time compiles (``leapalign_jax.aot``): shapes and dtypes
+  only, nothing read or allocated.
+  """
+  from leapalign_jax.models import clip
+
+  variant = opts["variant"]
+  if variant not in clip.VARIANTS:
+    raise ValueError(
+      f"rewards.{name}.variant={variant!r}: an abstract build needs one of "
+      f"{sorted(clip.VARIANTS)}"
+    )
+  config = clip.VARIANTS[variant].with_towers(towers)
+  act = opts["hidden_act"]
+  if act:
+    config = dataclasses.replace(
+      config,
+      text=config.text and dataclasses.replace(config.text, hidden_act=act),
+      vision=config.vision
+      and dataclasses.replace(config.vision, hidden_act=act),
+    )
+  config = dataclasses.replace(
+    config,
+    dtype=opts["dtype"],
+    param_dtype=opts["param_dtype"] or opts["dtype"],
+    remat=opts["remat"],
+    scan_layers=bool(opts["scan_layers"]),
+    attention=opts["attention"],
+  )
+  return config, nnx.eval_shape(lambda: clip.CLIP(config, rngs=nnx.Rngs(0)))
+
+
+def load_clip_model(
+  name: str, path: str, opts: dict[str, Any], towers, abstract: bool = False
+):
+  """Loads the CLIP of a reward; conversion errors name the config field.
+
+  With ``abstract`` the model of ``opts["variant"]`` is built without
+  weights (``abstract_clip_model``) and ``path`` is not read.
+  """
+  if abstract:
+    return abstract_clip_model(name, opts, towers)
   dtype = opts["dtype"]
   try:
     return convert_clip.load_clip(
@@ -133,21 +179,29 @@ def _fp32_logit_scale(name: str, path: str) -> np.ndarray:
   return np.asarray(source["logit_scale"], np.float32)
 
 
-def _build(name: str, cfg: dict, kind: str, defaults: dict) -> base.Loaded:
+def _build(
+  name: str, cfg: dict, kind: str, defaults: dict, abstract: bool = False
+) -> base.Loaded:
   opts = base.options(name, cfg, {**_COMMON, **defaults})
-  path = base.require_path(name, "path", opts["path"], _HINTS[kind])
+  path = (
+    opts["path"]
+    if abstract
+    else base.require_path(name, "path", opts["path"], _HINTS[kind])
+  )
   scale = opts["scale"]
   base.choice(name, "scale", scale, SCALES)
   base.choice(name, "resample", opts["resample"], pp.RESAMPLE_METHODS)
   if "crop" in opts:
     base.choice(name, "crop", opts["crop"], CROPS)
-  config, model = load_clip_model(name, path, opts, ("text", "vision"))
+  config, model = load_clip_model(
+    name, path, opts, ("text", "vision"), abstract
+  )
   if config.projection_dim is None:
     raise ConversionError(
       f"rewards.{name}.path: {path} holds CLIP towers without projections "
       f"(bare text/vision encoders); {kind} needs a full CLIP model"
     )
-  if scale == "logit":
+  if scale == "logit" and not abstract:
     model.logit_scale.set_value(jnp.asarray(_fp32_logit_scale(name, path)))
   size = config.vision.image_size
   if kind == "hpsv2":
@@ -179,7 +233,7 @@ def _build(name: str, cfg: dict, kind: str, defaults: dict) -> base.Loaded:
   return base.Loaded(state, score, config.text.max_position_embeddings)
 
 
-def build_hpsv2(name: str, cfg: dict) -> base.Loaded:
+def build_hpsv2(name: str, cfg: dict, abstract: bool = False) -> base.Loaded:
   """HPSv2.1: OpenCLIP ViT-H-14, ``hps_preprocess``, the plain cosine."""
   return _build(
     name,
@@ -190,10 +244,13 @@ def build_hpsv2(name: str, cfg: dict) -> base.Loaded:
       "resample": pp.HPS_RESAMPLE,
       "saturate": pp.HPS_SATURATE,
     },
+    abstract,
   )
 
 
-def build_pickscore(name: str, cfg: dict) -> base.Loaded:
+def build_pickscore(
+  name: str, cfg: dict, abstract: bool = False
+) -> base.Loaded:
   """PickScore: CLIPModel ViT-H/14, ``clip_preprocess``, logit-scaled."""
   return _build(
     name,
@@ -205,10 +262,11 @@ def build_pickscore(name: str, cfg: dict) -> base.Loaded:
       "resample": pp.PICKSCORE_RESAMPLE,
       "saturate": pp.PICKSCORE_SATURATE,
     },
+    abstract,
   )
 
 
-def build_clip(name: str, cfg: dict) -> base.Loaded:
+def build_clip(name: str, cfg: dict, abstract: bool = False) -> base.Loaded:
   """CLIP score of any CLIP, preprocessed as PickScore is."""
   return _build(
     name,
@@ -220,4 +278,5 @@ def build_clip(name: str, cfg: dict) -> base.Loaded:
       "resample": pp.PICKSCORE_RESAMPLE,
       "saturate": pp.PICKSCORE_SATURATE,
     },
+    abstract,
   )
