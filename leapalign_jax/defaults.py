@@ -25,6 +25,9 @@ def base() -> ml_collections.ConfigDict:
   c.flux = ml_collections.ConfigDict(
     {
       "path": "",  # BFL file or diffusers folder / FLUX.1-dev snapshot root
+      # "" detects the architecture from the weights; "dev" / "schnell"
+      # also require it (weights of another variant are refused).
+      "variant": "",
       "dtype": "bfloat16",  # compute
       "param_dtype": "float32",  # master weights
       "remat": "full",  # per-block: none | full | dots | names
@@ -160,6 +163,7 @@ def flux_dev_paths(c: ml_collections.ConfigDict, args: dict[str, str]) -> None:
   """
   root = args["flux"]
   c.flux.path = root
+  c.flux.variant = "dev"
   c.vae.path = root
   c.text.update(
     clip_path=root, t5_path=root, clip_tokenizer=root, t5_tokenizer=root
