@@ -49,6 +49,7 @@ def run_flags(steps: int) -> tuple[str, ...]:
   return (
     f"--config.train.num_steps={steps}",
     "--config.train.ckpt_every_steps=3",
+    "--config.train.log_every_steps=2",  # windows straddle checkpoints
     "--config.train.keep_checkpoints=2",
     "--config.eval.num_prompts=2",
     "--config.eval.num_steps=2",
@@ -122,7 +123,7 @@ def kill_battery(args, root: Path, env: dict, rng) -> dict:
       if k.exit_status != 0:
         problems.append(f"SIGTERM exit status {k.exit_status}")
       logged = ch._metrics(killed)
-      if logged and ch.latest_step(killed) != logged[-1]["step"]:
+      if logged and (ch.latest_step(killed) or 0) < logged[-1]["step"]:
         problems.append("SIGTERM: no checkpoint at the last logged step")
     events.append({**dataclasses.asdict(k), "problems": problems})
     del events[-1]["stderr_tail"]
@@ -140,6 +141,10 @@ def kill_battery(args, root: Path, env: dict, rng) -> dict:
   if ch.tree_digest(world_a) != ch.tree_digest(world_b):
     final.append("world B (built under kills) differs from world A")
   landed = [e for e in events if e["landed"]]
+  restored = [e["resumed_at"] for e in events if e["resumed_at"] is not None]
+  stepped = [
+    e["first_step_at"] for e in events if e["first_step_at"] is not None
+  ]
   survived = [e for e in landed if not e["problems"] and not final]
   return {
     "steps": args.steps,
@@ -152,9 +157,18 @@ def kill_battery(args, root: Path, env: dict, rng) -> dict:
     "sigkill_tried": sum(e["signal"] == "SIGKILL" for e in landed),
     "sigterm_tried": sum(e["signal"] == "SIGTERM" for e in landed),
     "mid_write": sum(e["mid_write"] for e in landed),
+    # Seconds from a restart to its state restored / its first new step
+    # (medians over the restarts that got there before their stop).
+    "resume_state_restored_s": _median(restored),
+    "resume_first_step_s": _median(stepped),
+    "resumes_timed": len(stepped),
     "ref": ref,
     "world": world_a,
   }
+
+
+def _median(values: list[float]) -> float | None:
+  return round(float(np.median(values)), 2) if values else None
 
 
 def bad_input_battery(kills: dict, root: Path, env: dict) -> dict:
@@ -216,6 +230,12 @@ def main() -> int:
   )
   if bad is not None:
     print(f"| bad inputs | {bad['tried']} | {bad['clear']} clear errors |")
+  print(
+    f"time to resume (median of {kills['resumes_timed']} restarts): state "
+    f"restored after {kills['resume_state_restored_s']} s, first new step "
+    f"after {kills['resume_first_step_s']} s; reference run "
+    f"{kills['reference_seconds']} s"
+  )
   if kills["final_problems"]:
     print("final comparison:", kills["final_problems"])
   result = {

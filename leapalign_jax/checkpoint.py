@@ -18,8 +18,13 @@ kills a run during its saves and checks the resume is exact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -98,33 +103,79 @@ def abstract_like(tree: Any) -> Any:
   )
 
 
-def resume(checkpointer: Checkpointer, state: Any) -> tuple[Any, dict]:
-  """``(state, meta)`` of the latest checkpoint, or ``state`` and step 0.
+@contextlib.contextmanager
+def _quiet_if_failed(grace_s: float = 0.5) -> Iterator[None]:
+  """Drops what a failed restore prints on file descriptor 2.
+
+  When one array of a restore fails, orbax closes its event loop while
+  tensorstore is still reading the others; their completion callbacks then
+  fail with "Event loop is closed" and print dozens of tracebacks from
+  tensorstore's threads around the one-line error. Output is captured
+  during the restore; after a failure the reads get ``grace_s`` to finish
+  and the capture is dropped. After a success it is passed on.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    failed = True
+    try:
+      yield
+      failed = False
+    finally:
+      if failed:
+        time.sleep(grace_s)
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        capture.seek(0)
+        sys.stderr.write(capture.read().decode(errors="replace"))
+
+
+def restore_latest(
+  checkpointer: Checkpointer, abstract_state: Any
+) -> tuple[Any, dict] | None:
+  """``(state, meta)`` of the latest checkpoint; None when there is none.
 
   Raises:
-    UserError: the latest checkpoint cannot be restored; the message says
-      how to fall back to the one before.
+    UserError: the latest checkpoint cannot be restored (damaged, or written
+      by another config; ``checkpointer`` is closed); the message says how
+      to fall back to the one before.
   """
-  meta = {"step": 0, "nonfinite_total": 0, "nonfinite_run": 0}
   latest = checkpointer.latest_step()
   if latest is None:
-    return state, meta
+    return None
   try:
-    state, meta = checkpointer.restore(latest, abstract_like(state))
+    with _quiet_if_failed():
+      state, meta = checkpointer.restore(latest, abstract_state)
   except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
+    checkpointer.close()  # the caller stops here
     earlier = [s for s in checkpointer.all_steps() if s < latest]
     path = os.path.join(checkpointer.directory, str(latest))
-    previous = f"step {earlier[-1]}" if earlier else "the start"
+    previous = f"step {earlier[-1]}" if earlier else "none: a fresh start"
     raise errors.UserError(
       f"checkpoint {path} cannot be restored ({type(e).__name__}: "
       f"{errors.one_line(e)[:200]}); if it is damaged (disk full, machine "
-      f"crash), move it aside (mv {path} {path}.bad) and rerun to resume "
-      f"from {previous}"
+      f"crash), move it aside (mv {path} {path}.bad) and rerun to use the "
+      f"previous one ({previous})"
     ) from None
   if int(jax.device_get(state["step"])) != int(meta["step"]):
     raise errors.UserError(
       f"checkpoint step {latest}: state step {int(state['step'])} and meta "
       f"step {meta['step']} disagree; the checkpoint is damaged"
     )
-  _LOG.info("resumed from step %d", meta["step"])
   return state, meta
+
+
+def resume(checkpointer: Checkpointer, state: Any) -> tuple[Any, dict]:
+  """``(state, meta)`` of the latest checkpoint, or ``state`` and step 0.
+
+  Raises:
+    UserError: as ``restore_latest``.
+  """
+  restored = restore_latest(checkpointer, abstract_like(state))
+  if restored is None:
+    return state, {"step": 0, "nonfinite_total": 0, "nonfinite_run": 0}
+  _LOG.info("resumed from step %d", restored[1]["step"])
+  return restored

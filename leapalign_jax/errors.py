@@ -3,6 +3,8 @@
 - ``UserError`` (and its subclasses: ``ConversionError``, ``ConfigError``,
   ``PromptError``, ``CacheError``, ...): bad input. One line on stderr,
   ``error: <what is wrong and how to fix it>``, exit status 2, no traceback.
+- ``OSError`` naming a path (unreadable input, unwritable output): the
+  same, since the fix is the user's.
 - ``NonFiniteError``: training stopped after too many consecutive
   non-finite steps; the last good state is saved. One line, exit status 3.
 - SIGTERM outside the training loop (setup, export, evaluation):
@@ -72,7 +74,16 @@ def report(error: BaseException) -> int:
   status = (
     EXIT_NONFINITE if isinstance(error, NonFiniteError) else EXIT_USER_ERROR
   )
-  print(f"error: {one_line(error)}", file=sys.stderr)
+  if isinstance(error, OSError) and error.filename:
+    # A path the user gave that cannot be read or written (permissions, a
+    # full disk, a file where a folder is expected).
+    message = (
+      f"{error.filename}: {error.strerror or error}; check the path, its "
+      "permissions and the free space"
+    )
+  else:
+    message = str(error)
+  print(f"error: {one_line(message)}", file=sys.stderr)
   return status
 
 
@@ -80,11 +91,16 @@ def run_command(fn: Callable[[], object]) -> int:
   """Runs ``fn``; known errors become one line and their exit status.
 
   Returns:
-    0 on success, 2 for a ``UserError``, 3 for a ``NonFiniteError``. Other
-    exceptions propagate with their traceback.
+    0 on success, 2 for a ``UserError`` or a file-system ``OSError`` (one
+    naming a path), 3 for a ``NonFiniteError``. Other exceptions propagate
+    with their traceback.
   """
   try:
     fn()
   except (UserError, NonFiniteError) as e:
+    return report(e)
+  except OSError as e:
+    if not e.filename:
+      raise
     return report(e)
   return 0

@@ -237,12 +237,13 @@ def _evaluate_workdir(args) -> None:
     "config.mesh", sharding.mesh_from_config, config.mesh
   )
   comps = components.load(config, mesh)
-  ckpt = checkpoint.Checkpointer(ckpt_dir)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise errors.UserError(f"{args.workdir}: no checkpoint to evaluate")
   tx = step_lib.make_optimizer(config.optim)
-  state, _ = ckpt.restore(latest, comps.abstract_state(tx))
+  restored = checkpoint.restore_latest(
+    checkpoint.Checkpointer(ckpt_dir), comps.abstract_state(tx)
+  )
+  if restored is None:
+    raise errors.UserError(f"{args.workdir}: no checkpoint to evaluate")
+  state, _ = restored
   summary = evaluate(comps, state["ema"], args.workdir, args.tag)
   print(json.dumps(summary, indent=2, sort_keys=True))
 

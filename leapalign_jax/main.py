@@ -127,7 +127,13 @@ def main(argv):
   """Initialises JAX (distributed when needed) and runs the training."""
   del argv
   signal.signal(signal.SIGTERM, _sigterm_before_training)
-  sys.exit(errors.run_command(_main))
+  status = errors.run_command(_main)
+  if status:
+    # Straight out: library threads (orbax, tensorstore) left mid-way by the
+    # error would print shutdown noise under the one-line report.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _main() -> None:

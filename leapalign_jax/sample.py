@@ -164,17 +164,20 @@ def _ema_from_checkpoint(config, workdir: str, params):
       "--checkpoint with a LoRA run: sample from its export instead "
       "(export/pytorch_lora_weights.safetensors) or use evaluate"
     )
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  latest = ckpt.latest_step()
-  if latest is None:
+  folder = os.path.join(workdir, "checkpoints")
+  restored = None
+  if os.path.isdir(folder):
+    tx = step_lib.make_optimizer(config.optim)
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), params)
+    restored = checkpoint.restore_latest(
+      checkpoint.Checkpointer(folder), abstract
+    )
+  if restored is None:
     raise errors.UserError(
       f"--checkpoint {workdir}: no checkpoint there (train first, or pass "
       "the training --workdir)"
     )
-  tx = step_lib.make_optimizer(config.optim)
-  abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), params)
-  state, _ = ckpt.restore(latest, abstract)
-  return state["ema"]
+  return restored[0]["ema"]
 
 
 if __name__ == "__main__":

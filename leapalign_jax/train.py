@@ -196,7 +196,7 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   try:
     sharding.check_batch(config.data.global_batch, mesh)
   except ValueError as e:
-    raise UserError(str(e)) from None
+    raise UserError(f"data.global_batch: {e}") from None
   _LOG.info(batch_arithmetic(config.data.global_batch, mesh))
 
   comps = components.load(config, mesh)

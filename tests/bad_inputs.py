@@ -146,6 +146,25 @@ def _damage_latest_checkpoint(run: str, num_steps: int) -> None:
       shutil.rmtree(p)
 
 
+def _damage_config_json(run: str, num_steps: int) -> None:
+  del num_steps
+  with open(Path(run) / "config.json", "a") as f:
+    f.write("}{")
+
+
+def _workdir_is_a_file(b, fresh, run, run_flags):
+  del run
+  Path(fresh).write_text("not a folder\n")
+  return ch.train_command(fresh, b["world"], *run_flags)
+
+
+def _convert_into_a_file(b, fresh, run, run_flags):
+  del run, run_flags
+  Path(fresh).write_text("not a folder\n")
+  src = f"{b['world']}/transformer"
+  return _module("convert", "flux", "--src", src, "--dst", f"{fresh}/out")
+
+
 def _bad_reward(b, fresh, run, run_flags):
   argv = ch.train_command(fresh, b["world"], *run_flags)
   argv[argv.index("--config") + 1] = f"{b['root']}/bad_reward.py"
@@ -226,8 +245,16 @@ CASES: dict[str, Case] = {
   ),
   "damaged latest checkpoint": Case(
     _main(lambda b, f, r: [], on_run=True),
-    ["cannot be restored", "move it aside", "resume from step"],
+    ["cannot be restored", "move it aside", "previous one (step"],
     prepare=_damage_latest_checkpoint,
+  ),
+  "workdir is a file": Case(
+    _workdir_is_a_file, ["--workdir", "cannot create", "writable folder"]
+  ),
+  "workdir with a damaged config.json": Case(
+    _main(lambda b, f, r: [], on_run=True),
+    ["config.json", "not valid JSON"],
+    prepare=_damage_config_json,
   ),
   "workdir in use": Case(
     _main(lambda b, f, r: [], on_run=True),
@@ -290,6 +317,9 @@ CASES: dict[str, Case] = {
       f,
     ),
     ["truncated", "re-download"],
+  ),
+  "convert into an unwritable place": Case(
+    _convert_into_a_file, ["fresh", "check the path", "permissions"]
   ),
   "convert a folder without its index": Case(
     lambda b, f, r, rf: _module(

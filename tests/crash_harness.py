@@ -20,10 +20,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,6 +91,11 @@ class Kill:
   exit_status: int | None
   mid_write: bool  # a checkpoint temporary folder was left behind
   latest_before: int | None  # latest checkpoint step at the signal
+  # Seconds from the start to "resumed from step N" (state restored) and
+  # to the first step past N (the step recompiled or loaded from the
+  # cache); None when it did not get there.
+  resumed_at: float | None = None
+  first_step_at: float | None = None
   stderr_tail: str = dataclasses.field(default="", repr=False)
 
 
@@ -138,6 +145,26 @@ def _trigger_ready(trigger, proc_start, state, workdir, world, rng) -> bool:
   raise ValueError(f"unknown trigger {trigger!r}; use one of {TRIGGERS}")
 
 
+_RESUMED = re.compile(r"resumed from step (\d+)")
+_BAR = re.compile(r"(\d+)/\d+ \[")
+
+
+def _watch_progress(log_path: str, t0: float, progress: dict) -> None:
+  """Records when the run restored its state and when it passed a step."""
+  now = time.monotonic()
+  if "first_step_at" in progress or now < progress.get("next", 0.0):
+    return
+  progress["next"] = now + 0.05  # read the log every 50 ms
+  text = Path(log_path).read_text(errors="replace")
+  m = _RESUMED.search(text)
+  if m is None:
+    return
+  progress.setdefault("resumed_at", round(now - t0, 3))
+  start = int(m.group(1))
+  if any(int(n) > start for n in _BAR.findall(text[m.end() :])):
+    progress["first_step_at"] = round(now - t0, 3)
+
+
 def start_and_kill(
   cmd: list[str],
   env: dict,
@@ -160,20 +187,24 @@ def start_and_kill(
   state["num_steps"] = num_steps
   if trigger == "metrics":  # a line beyond the next checkpoint's
     state["lines0"] += int(rng.integers(0, 2))
+  fd, log_path = tempfile.mkstemp(prefix="leapalign-stderr-", suffix=".txt")
+  log = os.fdopen(fd, "w")
   proc = subprocess.Popen(
     cmd,
     cwd=REPO,
     env=env,
     stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
+    stderr=log,
     text=True,
   )
   t0 = time.monotonic()
+  progress = {}
   try:
     while proc.poll() is None and time.monotonic() - t0 < timeout:
       if _trigger_ready(trigger, t0, state, workdir, world, rng):
         break
       time.sleep(0.002)
+      _watch_progress(log_path, t0, progress)
     landed = proc.poll() is None
     latest = latest_step(workdir)
     if landed:
@@ -183,7 +214,10 @@ def start_and_kill(
       time.sleep(repeat_after)
       if proc.poll() is None:
         proc.send_signal(sig)
-    _, err = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    log.close()
+    err = Path(log_path).read_text(errors="replace")
+    os.remove(log_path)
   finally:
     if proc.poll() is None:  # only the process this function started
       proc.kill()
@@ -198,6 +232,8 @@ def start_and_kill(
     exit_status=proc.returncode,
     mid_write=bool(_tmp_dirs(Path(workdir) / "checkpoints")),
     latest_before=latest,
+    resumed_at=progress.get("resumed_at"),
+    first_step_at=progress.get("first_step_at"),
     stderr_tail=err[-3000:],
   )
 
