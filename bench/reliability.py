@@ -1,6 +1,6 @@
 """The long reliability battery: many random kills, then every bad input.
 
-  python bench/reliability.py [--kills 12] [--sigterms 3] [--steps 24] \
+  python bench/reliability.py [--kills 12] [--sigterms 3] [--steps 40] \
       [--seed N] [--skip-bad-inputs]
 
 1. A reference run of the tiny config (``--steps`` steps, a checkpoint every
@@ -58,14 +58,17 @@ def run_flags(steps: int) -> tuple[str, ...]:
 
 
 def plan(kills: int, sigterms: int, rng) -> list[tuple[str, int]]:
-  """Two world-preparation kills first, then a shuffled mix."""
+  """Two world-preparation kills, a shuffled mix, the export kills last."""
   rest = [
     (SIGKILL_TRIGGERS[i % len(SIGKILL_TRIGGERS)], signal.SIGKILL)
     for i in range(max(0, kills - 2))
   ]
   rest += [("step", signal.SIGTERM)] * sigterms
   rng.shuffle(rest)
-  return [("world", signal.SIGKILL)] * min(2, kills) + rest
+  # "final" last: once a start reaches it, training is over.
+  final = [t for t in rest if t[0] == "final"]
+  rest = [t for t in rest if t[0] != "final"]
+  return [("world", signal.SIGKILL)] * min(2, kills) + rest + final
 
 
 def consistent(workdir: str, previous: int | None) -> list[str]:
@@ -207,7 +210,7 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--kills", type=int, default=12)
   parser.add_argument("--sigterms", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=24)
+  parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--seed", type=int, default=None)
   parser.add_argument("--skip-bad-inputs", action="store_true")
   parser.add_argument("--out", default=str(RESULTS))

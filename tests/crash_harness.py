@@ -9,7 +9,7 @@ start resumes; after the plan the command runs to completion. Triggers:
 - ``step``: a random time after the first metrics line (mid-step);
 - ``ckpt_write``: as soon as a checkpoint's temporary folder appears;
 - ``ckpt_commit``: as soon as it holds ``commit_success.txt`` (orbax's
-  last act before the rename);
+  last act before the rename), or else right after the rename;
 - ``metrics``: right after a new metrics line (before its checkpoint);
 - ``final``: right after the last checkpoint (during the export).
 """
@@ -137,7 +137,12 @@ def _trigger_ready(trigger, proc_start, state, workdir, world, rng) -> bool:
   if trigger == "ckpt_write":
     return bool(_tmp_dirs(ckpt))
   if trigger == "ckpt_commit":
-    return any((t / "commit_success.txt").exists() for t in _tmp_dirs(ckpt))
+    # Between orbax's commit file and its rename (a window of microseconds
+    # that polling rarely hits), else right after the rename.
+    return (
+      any((t / "commit_success.txt").exists() for t in _tmp_dirs(ckpt))
+      or (latest_step(workdir) or 0) > state["latest0"]
+    )
   if trigger == "metrics":
     return _lines(wd / "metrics.jsonl") > state["lines0"]
   if trigger == "final":
@@ -185,6 +190,7 @@ def start_and_kill(
   """
   state = {"lines0": _lines(Path(workdir) / "metrics.jsonl")}
   state["num_steps"] = num_steps
+  state["latest0"] = latest_step(workdir) or 0
   if trigger == "metrics":  # a line beyond the next checkpoint's
     state["lines0"] += int(rng.integers(0, 2))
   fd, log_path = tempfile.mkstemp(prefix="leapalign-stderr-", suffix=".txt")
@@ -248,7 +254,14 @@ def _read_state(workdir: str):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     step = ckpt.latest_step()
-    restored = ckpt.manager.restore(step)
+    import orbax.checkpoint as ocp
+
+    restored = ckpt.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+      ),
+    )
   finally:
     ckpt.close()
   return step, restored
