@@ -221,10 +221,12 @@ def test_long_prompts_are_truncated_with_one_warning(bad, env, tmp_path):
     env,
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  # One warning per tokenizer (CLIP, T5, the reward's CLIP), each once.
+  # At most one warning per encoder (Flux CLIP, T5, the reward's CLIP;
+  # the two CLIPs share the function name).
   warned = re.findall(r"(tokenize_\w+): [^\n]* truncated", out.stderr)
-  assert 1 <= len(warned) <= 3, out.stderr
-  assert len(set(warned)) == len(warned), out.stderr
+  assert {"tokenize_clip", "tokenize_t5"} <= set(warned), out.stderr
+  assert warned.count("tokenize_t5") == 1, out.stderr
+  assert warned.count("tokenize_clip") <= 2, out.stderr
   assert "1 prompts embedded" in out.stdout
 
 
