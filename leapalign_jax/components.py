@@ -23,11 +23,12 @@ from flax import nnx
 
 from leapalign_jax import data, sampling, sharding
 from leapalign_jax import step as step_lib
+from leapalign_jax.errors import UserError
 
 _LOG = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config names a missing file or an impossible combination."""
 
 
@@ -260,6 +261,7 @@ def _load_flux(config, mesh):
   f = config.flux
   flux_cfg, model = load_flux(
     f.path,
+    config=f.get("variant") or None,
     dtype=f.dtype,
     param_dtype=f.param_dtype,
     remat=f.remat,

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from leapalign_jax.errors import UserError
+
 
 def load_config(
   spec: str, overrides: Sequence[str] = ()
@@ -21,26 +23,26 @@ def load_config(
   """Loads ``path[:arg]`` and applies ``key=value`` overrides.
 
   Raises:
-    ValueError: for a missing file, a file without ``get_config``, or an
+    UserError: for a missing file, a file without ``get_config``, or an
       override naming a key the config does not have.
   """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise ValueError(f"{path}: no such config file")
+    raise UserError(f"{path}: no such config file")
   module_spec = importlib.util.spec_from_file_location(
     "_leapalign_config", path
   )
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"{path}: defines no get_config()")
+    raise UserError(f"{path}: defines no get_config()")
   config = module.get_config(arg) if arg else module.get_config()
   config = ml_collections.ConfigDict(config)
   config.lock()
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
-      raise ValueError(f"override {item!r}: use key=value")
+      raise UserError(f"override {item!r}: use key=value")
     try:
       parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -48,7 +50,7 @@ def load_config(
     try:
       _set(config, key, parsed)
     except (AttributeError, KeyError):
-      raise ValueError(
+      raise UserError(
         f"override {key!r}: the config has no such field (configs are locked; "
         "check the spelling)"
       ) from None

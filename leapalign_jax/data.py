@@ -29,13 +29,14 @@ from leapalign_jax.convert.safetensors_io import (
   save_file,
   write_json_atomic,
 )
+from leapalign_jax.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 FIELDS = ("t5", "clip_pooled", "reward_ids")
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
   """A prompt-embedding cache is missing, inconsistent or incompatible."""
 
 

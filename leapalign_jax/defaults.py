@@ -175,6 +175,7 @@ def flux_dev_paths(c: ml_collections.ConfigDict, args: dict[str, str]) -> None:
   """
   root = args["flux"]
   c.flux.path = root
+  c.flux.variant = "dev"
   c.vae.path = root
   c.text.update(
     clip_path=root, t5_path=root, clip_tokenizer=root, t5_tokenizer=root

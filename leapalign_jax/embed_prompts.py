@@ -1,14 +1,18 @@
 """Prompt-embedding cache job: prompts -> T5 states + CLIP pooled + reward ids.
 
   python -m leapalign_jax.embed_prompts --config configs/<run>.py \
-      --prompts <file.txt | file.jsonl | tfds:name/split[:field]> --out <dir>
+      --prompts <file.txt | file.jsonl | tfds:name/split[:field]> --out <dir> \
+      [key=value config overrides, e.g. text.batch_size=32]
 
 Encodes in fixed-size batches (one compiled program) with a progress bar and
 writes whole shards atomically (``leapalign_jax.data``), so an interrupted
 job resumes where it stopped. Duplicate prompts are embedded once, prompts
 already in the cache are skipped, and a cache written by other encoders is
 refused. ``.jsonl`` records keep their other fields (e.g. digit / colour /
-position attributes) in the manifest.
+position attributes) in the manifest. Prompts longer than an encoder's limit
+are truncated with one warning per encoder. Bad input (a missing, empty or
+unreadable prompt file, wrong encoder weights, an unknown config key) is one
+``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from leapalign_jax import data
+from leapalign_jax import data, errors
+from leapalign_jax.errors import UserError
 
 SHARD_SIZE = 1024
 _PROMPT_FIELDS = ("prompt", "text", "caption")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
   """The prompt source is missing, unreadable or empty."""
 
 
@@ -94,8 +99,19 @@ def read_prompts(spec: str) -> list[dict[str, Any]]:
         lines = f.read().splitlines()
     except FileNotFoundError:
       raise PromptError(f"{spec}: no such prompt file") from None
-    except (OSError, UnicodeDecodeError) as e:
-      raise PromptError(f"{spec}: cannot read the prompt file ({e})") from None
+    except IsADirectoryError:
+      raise PromptError(
+        f"{spec}: is a folder; pass a .txt (one prompt a line) or .jsonl file"
+      ) from None
+    except UnicodeDecodeError as e:
+      raise PromptError(
+        f"{spec}: not UTF-8 text (byte {e.start}); save the prompt file as "
+        "UTF-8 text"
+      ) from None
+    except OSError as e:
+      raise PromptError(
+        f"{spec}: cannot read the prompt file ({e.strerror})"
+      ) from None
     if spec.endswith(".jsonl"):
       records = []
       for n, line in enumerate(lines, 1):
@@ -281,17 +297,23 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("--out", required=True, help="cache folder")
   parser.add_argument("--shard-size", type=int, default=SHARD_SIZE)
+  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
   from leapalign_jax.configs_io import load_config
 
-  try:
-    config = load_config(args.config)
+  counts = {}
+
+  def run() -> None:
+    config = load_config(args.config, args.overrides)
     records = read_prompts(args.prompts)
     encoders = TextEncoders(config.text)
-    counts = embed(encoders, records, args.out, shard_size=args.shard_size)
-  except (PromptError, data.CacheError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    counts.update(
+      embed(encoders, records, args.out, shard_size=args.shard_size)
+    )
+
+  status = errors.run_command(run)
+  if status or not counts:
+    return status
   print(
     f"{args.out}: {counts['written']} prompts embedded, {counts['skipped']} "
     f"already cached, {counts['total']} distinct"

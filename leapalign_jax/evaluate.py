@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from leapalign_jax import data, images, sharding
+from leapalign_jax import data, errors, images, sharding
+from leapalign_jax.utils import atomic_dir
 
 
 def _keys(seed: int, pairs: list[tuple[int, int]]) -> np.ndarray:
@@ -138,6 +139,16 @@ def world_scorers(config, workdir: str) -> list:
 
 
 def _write(folder, imgs, records, scores, indices, per, seed, summary, n_grid):
+  """Writes ``folder`` whole: built aside, then swapped in (never half)."""
+  with atomic_dir(folder, replace=True) as tmp:
+    _write_files(
+      tmp, imgs, records, scores, indices, per, seed, summary, n_grid
+    )
+
+
+def _write_files(
+  folder, imgs, records, scores, indices, per, seed, summary, n_grid
+):
   os.makedirs(os.path.join(folder, "images"), exist_ok=True)
   lines = []
   for k, (img, rec) in enumerate(zip(imgs, records)):
@@ -153,15 +164,11 @@ def _write(folder, imgs, records, scores, indices, per, seed, summary, n_grid):
         **{f"reward/{n}": float(v[k]) for n, v in scores.items()},
       }
     )
-  tmp = os.path.join(folder, "samples.jsonl.tmp")
-  with open(tmp, "w") as f:
+  with open(os.path.join(folder, "samples.jsonl"), "w") as f:
     f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
-  os.replace(tmp, os.path.join(folder, "samples.jsonl"))
   images.save_grid(imgs[:n_grid], os.path.join(folder, "grid.png"))
-  tmp = os.path.join(folder, "eval.json.tmp")
-  with open(tmp, "w") as f:
+  with open(os.path.join(folder, "eval.json"), "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(folder, "eval.json"))
 
 
 def table(before: dict | None, after: dict) -> str:
@@ -196,8 +203,10 @@ def after_training(config, workdir: str, comps, state) -> dict[str, Any]:
   if jax.process_index() == 0:
     print(text)
     print(f"image grid: {grid}")
-    with open(os.path.join(workdir, "eval", "summary.md"), "w") as f:
+    path = os.path.join(workdir, "eval", "summary.md")
+    with open(path + ".tmp", "w") as f:
       f.write(text + f"\n\nimage grid: {grid}\n")
+    os.replace(path + ".tmp", path)
   return {"before": before, "after": after, "grid": grid}
 
 
@@ -209,26 +218,34 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--tag", default="eval")
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
+  return errors.run_command(lambda: _evaluate_workdir(args))
+
+
+def _evaluate_workdir(args) -> None:
+  """``main`` 's work: the latest checkpoint's EMA weights, evaluated."""
   from leapalign_jax import checkpoint, components, configs_io
   from leapalign_jax import step as step_lib
 
-  try:
-    config = configs_io.load_config(args.config, args.overrides)
-    config = components.prepare_world(config, args.workdir)
-    mesh = sharding.mesh_from_config(config.mesh)
-    comps = components.load(config, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"))
-    latest = ckpt.latest_step()
-    if latest is None:
-      raise ValueError(f"{args.workdir}: no checkpoint to evaluate")
-    tx = step_lib.make_optimizer(config.optim)
-    state, _ = ckpt.restore(latest, comps.abstract_state(tx))
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config = configs_io.load_config(args.config, args.overrides)
+  ckpt_dir = os.path.join(args.workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise errors.UserError(
+      f"{args.workdir}: no checkpoints folder; pass a training --workdir"
+    )
+  config = components.prepare_world(config, args.workdir)
+  mesh = errors.as_user_error(
+    "config.mesh", sharding.mesh_from_config, config.mesh
+  )
+  comps = components.load(config, mesh)
+  tx = step_lib.make_optimizer(config.optim)
+  restored = checkpoint.restore_latest(
+    checkpoint.Checkpointer(ckpt_dir), comps.abstract_state(tx)
+  )
+  if restored is None:
+    raise errors.UserError(f"{args.workdir}: no checkpoint to evaluate")
+  state, _ = restored
   summary = evaluate(comps, state["ema"], args.workdir, args.tag)
   print(json.dumps(summary, indent=2, sort_keys=True))
-  return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from flax import nnx
 from leapalign_jax.convert import export_flux
 from leapalign_jax.convert import lora as lora_convert
 from leapalign_jax.convert.safetensors_io import read_header, write_json_atomic
+from leapalign_jax.utils import atomic_dir
 
 BFL_FILE = "flux1-leapalign.safetensors"
 LORA_INFO = "lora_info.json"
@@ -62,6 +63,10 @@ def gather_to_host(tree: Any, *, dtype: Any = None, keep: bool = True) -> Any:
 def export_run(comps, ema_params: Any, folder: str) -> list[str]:
   """Writes a run's EMA weights under ``folder``; returns the paths written.
 
+  The folder is built aside and swapped in whole (``atomic_dir``): a run
+  killed while exporting leaves the previous export, or none, never half of
+  one; the resumed run exports again.
+
   Args:
     comps: the run's ``Components`` (``config``, ``graphdef``, ``frozen``,
       ``lora_paths``, ``flux_model(params)``).
@@ -73,32 +78,41 @@ def export_run(comps, ema_params: Any, folder: str) -> list[str]:
   """
   cfg = comps.config.export
   writer = jax.process_index() == 0
+  frozen = None
   if not comps.lora_paths:
     params = gather_to_host(ema_params, dtype=cfg.dtype, keep=writer)
-    if not writer:
-      return []
+  else:
+    # Adapters are small; the frozen base is only read for a fused export.
+    params = gather_to_host(ema_params, keep=writer)
+    frozen = comps.frozen["flux"]
+    if cfg.get("lora_merged", False):
+      frozen = gather_to_host(frozen, dtype=cfg.dtype, keep=writer)
+  if not writer:
+    return []
+  with atomic_dir(folder, replace=True) as tmp:
+    written = _write(comps, params, frozen, tmp)
+  written = [os.path.join(folder, os.path.relpath(p, tmp)) for p in written]
+  _LOG.info("exported %s", ", ".join(written))
+  return written
+
+
+def _write(comps, params: Any, frozen: Any, folder: str) -> list[str]:
+  """The export files of ``export_run`` (process 0), under ``folder``."""
+  cfg = comps.config.export
+  if not comps.lora_paths:
     path = _full_path(folder, cfg.layout)
     return export_flux(
       comps.flux_model(params), path, layout=cfg.layout, dtype=cfg.dtype
     )
-  merged = cfg.get("lora_merged", False)
-  # Adapters are small; the frozen base is only read for a fused export.
-  params = gather_to_host(ema_params, keep=writer)
-  frozen = comps.frozen["flux"]
-  if merged:
-    frozen = gather_to_host(frozen, dtype=cfg.dtype, keep=writer)
-  if not writer:
-    return []
   model = nnx.merge(comps.graphdef, params, frozen)
   written = lora_convert.export_flux_lora(
     model, os.path.join(folder, lora_convert.LORA_WEIGHT_NAME), dtype=cfg.dtype
   )
   written += _write_info(comps, folder, written[0])
-  if merged:
+  if cfg.get("lora_merged", False):
     written += lora_convert.export_flux_merged(
       model, _full_path(folder, cfg.layout), layout=cfg.layout, dtype=cfg.dtype
     )
-  _LOG.info("exported %s", ", ".join(written))
   return written
 
 

@@ -4,18 +4,38 @@ The only module that touches flags. Config fields are overridden on the
 command line (``--config.optim.lr=8e-6``); configs are locked, so a
 misspelled key is an error. On a TPU pod or a multi-node GPU job JAX's
 distributed runtime is initialised before anything else touches a device.
+
+Exit status: 0 when the run finished or was preempted (SIGTERM: checkpoint,
+then exit; the same command resumes), 2 for bad input (flags, config, files:
+one ``error:`` line, no traceback), 3 when training stopped on non-finite
+steps (one line saying what to do). Anything else is a bug: a traceback.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from leapalign_jax import errors
+
+
+def _sigterm_before_training(signum, frame):
+  """SIGTERM before the training installed its handler: nothing to save."""
+  del signum, frame
+  errors.exit_preempted()
+
+
+if __name__ == "__main__":
+  # First thing: the imports below and JAX's distributed start-up take
+  # seconds, and a launcher may stop the job during them.
+  signal.signal(signal.SIGTERM, _sigterm_before_training)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -103,9 +123,67 @@ def _setup_logging() -> None:
   ours.propagate = False
 
 
+def _config_path(argv: list[str]) -> str | None:
+  """The ``--config`` file named in ``argv`` (without its ``:arg``)."""
+  for i, a in enumerate(argv):
+    if a in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+    if a.startswith(("--config=", "-config=")):
+      return a.split("=", 1)[1].split(":")[0]
+  return None
+
+
+def _flag_error(e: Exception, argv: list[str]) -> str:
+  """One line for a failure while parsing the flags (and the config file)."""
+  inner = e
+  while inner.args and isinstance(inner.args[0], BaseException):
+    inner = inner.args[0]  # AttributeError(KeyError(...)) from ml_collections
+  text = str(inner.args[0]) if inner.args else str(inner)
+  if isinstance(e, (AttributeError, KeyError)):
+    # ml_collections: "'lrr'\nDid you mean \"lr\" instead of \"lrr\"?"
+    key, _, hint = text.partition("\n")
+    key = key.strip("'\" ")
+    given = [a for a in argv if a.startswith("--config.") and key in a]
+    where = given[0] if given else f"--config.*{key}*"
+    return errors.one_line(
+      f"{where}: the config has no field {key!r} (configs are locked; check "
+      f"the spelling{'; ' + hint if hint else ''})"
+    )
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  if len(lines) > 2:  # a traceback from the config file: its first + last
+    lines = [lines[0], lines[-1]]
+  return errors.one_line(" ".join(lines))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the flags like absl; a bad flag or config: one line, exit 2."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    print(f"error: --config {path}: no such config file", file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config  # noqa: B018 - loads the config file and its overrides
+  except Exception as e:  # noqa: BLE001 - every parse failure is bad input
+    print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
+  return rest
+
+
 def main(argv):
   """Initialises JAX (distributed when needed) and runs the training."""
   del argv
+  signal.signal(signal.SIGTERM, _sigterm_before_training)
+  status = errors.run_command(_main)
+  if status:
+    # Straight out: library threads (orbax, tensorstore) left mid-way by the
+    # error would print shutdown noise under the one-line report.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _main() -> None:
   _setup_logging()
   import jax
 
@@ -123,13 +201,8 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
   )
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.UserError as e:
-    # Bad input: one line, no traceback, non-zero exit.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

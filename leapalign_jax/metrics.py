@@ -1,9 +1,11 @@
 """Metrics: JSON-lines + TensorBoard event files, clu aggregation, progress.
 
 Only process 0 writes. ``metrics.jsonl`` gets one line per logged step; on
-resume, lines past the restored step are dropped first, so an interrupted and
-resumed run has exactly the lines of an uninterrupted one (no gaps, no
-repeats).
+resume, lines past the restored step (and a torn last line) are dropped first,
+so an interrupted and resumed run has exactly the lines of an uninterrupted
+one (no gaps, no repeats). The training loop calls ``flush`` before each
+checkpoint, so every line and TensorBoard event up to a checkpoint is on disk
+before it.
 """
 
 from __future__ import annotations
@@ -75,8 +77,14 @@ class Writer:
     if tensorboard:
       from tensorboardX import SummaryWriter
 
+      # purge_step: TensorBoard hides the events a killed run wrote past
+      # the restored step. The pid suffix keeps two runs started within the
+      # same second (tensorboardX names files by the second) from
+      # truncating each other's file.
       self._tb = SummaryWriter(
-        os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1
+        os.path.join(workdir, "tensorboard"),
+        purge_step=resume_step + 1,
+        filename_suffix=f".{os.getpid()}",
       )
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -94,6 +102,15 @@ class Writer:
         ):
           self._tb.add_scalar(k, v, step)
 
+  def flush(self) -> None:
+    """Pushes buffered lines and TensorBoard events to the files."""
+    if not self.enabled:
+      return
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    if self._tb is not None:
+      self._tb.flush()
+
   def write_text(self, step: int, tag: str, text: str) -> None:
     if self.enabled and self._tb is not None:
       self._tb.add_text(tag, text, step)
@@ -104,6 +121,19 @@ class Writer:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def window_to_json(window: list[Mapping[str, Any]]) -> list[dict]:
+  """An unfinished logging window as JSON (for the checkpoint's meta)."""
+  return [{k: _py(v) for k, v in r.items()} for r in window]
+
+
+def window_from_json(window: list[Mapping[str, Any]]) -> list[dict]:
+  """Inverse of ``window_to_json`` (``_py`` writes NaN / Inf as strings)."""
+  return [
+    {k: float(v) if isinstance(v, str) else v for k, v in r.items()}
+    for r in window
+  ]
 
 
 def summarize(window: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from leapalign_jax import images, sampling
+from leapalign_jax import errors, images, sampling
 
 
 def make_sampler(
@@ -87,14 +87,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--checkpoint", default=None, help="a training workdir")
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
-  try:
-    paths = run(args)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  paths = []
+  status = errors.run_command(lambda: paths.extend(run(args)))
   for p in paths:
     print(p)
-  return 0
+  return status
 
 
 def run(args) -> list[str]:
@@ -113,7 +110,11 @@ def run(args) -> list[str]:
   text = embed_prompts.TextEncoders(config.text)(list(args.prompt))
   f = config.flux
   flux_cfg, model = load_flux(
-    f.path, dtype=f.dtype, param_dtype=f.param_dtype, attention=f.attention
+    f.path,
+    config=f.get("variant") or None,
+    dtype=f.dtype,
+    param_dtype=f.param_dtype,
+    attention=f.attention,
   )
   ae_cfg, ae = load_autoencoder(config.vae.path, dtype=config.vae.dtype)
   decode, vae_params = decode_fn(ae)
@@ -159,18 +160,24 @@ def _ema_from_checkpoint(config, workdir: str, params):
   from leapalign_jax import step as step_lib
 
   if config.lora.enabled:
-    raise ValueError(
+    raise errors.UserError(
       "--checkpoint with a LoRA run: sample from its export instead "
       "(export/pytorch_lora_weights.safetensors) or use evaluate"
     )
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise ValueError(f"{workdir}: no checkpoint")
-  tx = step_lib.make_optimizer(config.optim)
-  abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), params)
-  state, _ = ckpt.restore(latest, abstract)
-  return state["ema"]
+  folder = os.path.join(workdir, "checkpoints")
+  restored = None
+  if os.path.isdir(folder):
+    tx = step_lib.make_optimizer(config.optim)
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), params)
+    restored = checkpoint.restore_latest(
+      checkpoint.Checkpointer(folder), abstract
+    )
+  if restored is None:
+    raise errors.UserError(
+      f"--checkpoint {workdir}: no checkpoint there (train first, or pass "
+      "the training --workdir)"
+    )
+  return restored[0]["ema"]
 
 
 if __name__ == "__main__":

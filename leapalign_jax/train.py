@@ -1,10 +1,20 @@
 """``train_and_evaluate``: the whole run, resumable from its workdir.
 
-Order: workdir checks and ``config.json`` → world preparation (digits /
-random worlds build their artefacts first) → mesh → frozen models and the
-Flux state, created sharded → resume (latest checkpoint in the workdir) →
-the jitted step in a loop with metrics, checkpoints, sample grids, SIGTERM
-handling → final checkpoint, export, evaluation.
+Order: workdir lock and config check → world preparation (digits / random
+worlds build their artefacts first) → mesh → frozen models and the Flux
+state, created sharded → ``config.json`` → resume (latest checkpoint in the
+workdir) → the jitted step in a loop with metrics, checkpoints, sample
+grids, SIGTERM handling → final checkpoint, export, evaluation.
+
+Crash safety (SIGKILL at any moment, then the same command): the checkpoint
+holds the params, EMA, optimizer state, step and PRNG key, plus the metrics
+of the unfinished logging window; the data position and the host-side
+choices are pure functions of (seed, step). So the resumed run repeats the
+uninterrupted one bit for bit. Checkpoints are renamed into place when
+complete, ``metrics.jsonl`` is cut back to the restored step, exports and
+evaluation folders are swapped in whole. Nothing is written to the workdir
+before the setup has succeeded, so a start with bad input leaves an
+existing run untouched. SIGTERM: see ``preemption``.
 """
 
 from __future__ import annotations
@@ -12,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -21,19 +30,15 @@ import ml_collections
 import numpy as np
 
 from leapalign_jax import checkpoint as ckpt_lib
+from leapalign_jax import errors, sharding, utils
 from leapalign_jax import metrics as metrics_lib
-from leapalign_jax import sharding
 from leapalign_jax import step as step_lib
+from leapalign_jax.preemption import Preemption
 
 _LOG = logging.getLogger(__name__)
 
-
-class UserError(ValueError):
-  """Bad input from the user: reported as one line, exit status 2."""
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive non-finite steps; the last good state is saved."""
+UserError = errors.UserError
+NonFiniteError = errors.NonFiniteError
 
 
 # Config fields that may differ between two runs sharing a workdir (a resume
@@ -45,6 +50,7 @@ RESUMABLE_FIELDS = (
   "train.ckpt_every_steps",
   "train.sample_every_steps",
   "train.keep_checkpoints",
+  "train.max_consecutive_nonfinite",
   "debug",
   "eval",
 )
@@ -71,16 +77,25 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   }
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Refuses a workdir holding a run of a different config.
 
-  Writes ``config.json`` (process 0). With ``train.overwrite`` the old run's
-  checkpoints and metrics are moved aside, not deleted.
+  Writes nothing (``write_config`` does, once the setup has succeeded).
+
+  Returns:
+    True when the workdir holds another config's run and
+    ``train.overwrite`` allows replacing it.
   """
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except ValueError:
+      raise UserError(
+        f"{path} is not valid JSON (edited by hand?); restore it, or move "
+        "the workdir aside and start a new run"
+      ) from None
     new = config_fingerprint(config)
     old_fp = {
       k: v
@@ -100,47 +115,39 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"{', ...' if len(diff) > 4 else ''}); use a new --workdir, or pass "
           "--config.train.overwrite=True to start over there"
         )
-      if jax.process_index() == 0:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for name in (
-          "checkpoints",
-          "metrics.jsonl",
-          "tensorboard",
-          "config.json",
-        ):
-          p = os.path.join(workdir, name)
-          if os.path.exists(p):
-            os.replace(p, f"{p}.old-{stamp}")
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
+      return True
+  return False
 
 
-class Preemption:
-  """Turns SIGTERM into a flag read at step boundaries."""
+def write_config(
+  config: ml_collections.ConfigDict, workdir: str, move_aside: bool
+) -> None:
+  """Writes ``config.json`` (process 0), first moving an old run aside.
 
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    def handler(signum, frame):
-      del signum, frame
-      self.requested = True
-      _LOG.warning("SIGTERM: checkpointing at the next step boundary")
-
-    try:
-      self._old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. some notebooks)
-      self._old = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+  With ``move_aside`` (``train.overwrite`` over another config's run) the
+  old run's checkpoints, metrics and outputs are renamed, not deleted.
+  """
+  if jax.process_index() != 0:
+    return
+  if move_aside:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (
+      "checkpoints",
+      "metrics.jsonl",
+      "tensorboard",
+      "export",
+      "eval",
+      "samples",
+      "config.json",
+    ):
+      p = os.path.join(workdir, name)
+      if os.path.exists(p):
+        os.replace(p, f"{p}.old-{stamp}")
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
 
 
 def host_choice(
@@ -188,36 +195,52 @@ def jit_train_step(
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) training, then evaluation; returns the final record."""
+  """Runs (or resumes) training, then evaluation; returns the final record.
+
+  Raises:
+    UserError: bad input; nothing in the workdir was changed.
+    NonFiniteError: too many consecutive non-finite steps (state saved).
+  """
+  from leapalign_jax import methods
+
+  # Checked before the workdir is touched (the lock creates it).
+  errors.as_user_error("config.method", methods.get, config.method)
+  with Preemption() as preempt, utils.workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir, preempt)
+
+
+def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   from leapalign_jax import components, evaluate, methods
 
-  try:
-    methods.get(config.method)
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  check_workdir(config, workdir)
+  move_aside = check_workdir(config, workdir)
+  given = config  # config.json records the config as given
   config = components.prepare_world(config, workdir)
-  mesh = sharding.mesh_from_config(config.mesh)
+  mesh = errors.as_user_error(
+    "config.mesh", sharding.mesh_from_config, config.mesh
+  )
   try:
     sharding.check_batch(config.data.global_batch, mesh)
   except ValueError as e:
-    raise UserError(str(e)) from None
+    raise UserError(f"data.global_batch: {e}") from None
   _LOG.info(batch_arithmetic(config.data.global_batch, mesh))
 
   comps = components.load(config, mesh)
   method = methods.get(config.method)
+  # The method's host-side options (draft.k, leap.step_range, ...).
+  errors.as_user_error(
+    f"method {config.method}", host_choice, config, method, 0, comps.sigmas
+  )
+  write_config(given, workdir, move_aside)
   tx = step_lib.make_optimizer(config.optim)
   state = comps.init_state(tx)
   checkpointer = ckpt_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints
+    os.path.join(workdir, "checkpoints"),
+    config.train.keep_checkpoints,
+    cleanup_tmp=True,
   )
-  start, meta = 0, {"nonfinite_total": 0, "nonfinite_run": 0}
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, meta = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
-    start = int(meta["step"])
-    _LOG.info("resumed from step %d", start)
-  elif jax.process_index() == 0:
+  state, meta = ckpt_lib.resume(checkpointer, state)
+  start = int(meta["step"])
+  if start == 0 and jax.process_index() == 0:
     comps.log_parameter_overview(state)
 
   writer = metrics_lib.Writer(workdir, resume_step=start)
@@ -236,19 +259,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start
   stopped_early = None
   progress = _progress(start, num_steps)
-  window: list[dict] = []  # records since the last log line
-
-  saved = {"step": start}
+  # Records since the last log line; saved with the checkpoints so that a
+  # resumed run averages the same steps into its next line.
+  window = metrics_lib.window_from_json(meta.pop("window", []))
 
   def save(step_now):
     if checkpointer.latest_step() == step_now:
       return
+    # Metric lines up to ``step_now`` are on disk before the checkpoint.
+    writer.flush()
     checkpointer.save(
-      step_now, state, {**meta, "step": step_now, "data_position": step_now}
+      step_now,
+      state,
+      {
+        **meta,
+        "step": step_now,
+        "data_position": step_now,
+        "window": metrics_lib.window_to_json(window),
+      },
     )
-    saved["step"] = step_now
 
-  with Preemption() as preempt:
+  with preempt.deferred():
     while step < num_steps:
       choice = host_choice(config, method, step, comps.sigmas)
       batch = sharding.put_batch(comps.batch_to_arrays(dataset[step]), mesh)
@@ -263,13 +294,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         meta["nonfinite_run"] += 1
         meta["nonfinite_total"] += 1
         _LOG.warning(
-          "step %d: non-finite loss/gradient (loss=%s, reward=%s, choice=%s);"
-          " update skipped (%d in a row)",
+          "step %d: non-finite loss/gradient (%s, loss=%s, reward=%s); "
+          "update skipped, %d in a row (stop at %d)",
           step,
+          _format_choice(choice),
           m["train/loss"],
           m["train/reward"],
-          choice,
           meta["nonfinite_run"],
+          config.train.max_consecutive_nonfinite,
         )
       record = {
         **m,
@@ -284,13 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         window.clear()
       progress.update(step, record)
       if meta["nonfinite_run"] >= config.train.max_consecutive_nonfinite:
-        stopped_early = (
-          f"{meta['nonfinite_run']} consecutive non-finite steps (last at "
-          f"step {step}); parameters are those of step "
-          f"{step - meta['nonfinite_run']}. Lower optim.lr or check the reward"
-        )
+        stopped_early = _nonfinite_message(config, meta, step, record, workdir)
         break
-      if preempt.requested:
+      if preempt.stop_now():
         break
       if step % config.train.ckpt_every_steps == 0 or step == num_steps:
         save(step)
@@ -299,19 +327,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         and step % config.train.sample_every_steps == 0
       ):
         comps.sample_grid(state, step, workdir)
-  progress.close()
-  save(step)
-  writer.close()
-  if stopped_early:
+    progress.close()
+    save(step)
+    writer.close()
     checkpointer.close()
+  if stopped_early:
     raise NonFiniteError(stopped_early)
   if preempt.requested and step < num_steps:
     _LOG.warning("preempted at step %d; checkpoint written, exiting", step)
-    checkpointer.close()
     return {"step": step, "preempted": True}
-  checkpointer.close()
   comps.export(state, workdir)
   return evaluate.after_training(config, workdir, comps, state)
+
+
+def _format_choice(choice: dict[str, int]) -> str:
+  return " ".join(f"{k}={v}" for k, v in choice.items())
+
+
+def _nonfinite_message(config, meta: dict, step: int, record, workdir) -> str:
+  """The one line a run stopped by non-finite steps ends with."""
+  n = meta["nonfinite_run"]
+  choice = {
+    k.removeprefix("choice/"): v
+    for k, v in record.items()
+    if k.startswith("choice/")
+  }
+  return (
+    f"{n} consecutive non-finite steps ({step - n + 1}..{step}; last: "
+    f"{_format_choice(choice)}, loss={record['train/loss']}, "
+    f"reward={record['train/reward']}); the parameters of step {step - n} "
+    f"(the last finite update) are saved in {workdir}/checkpoints as step "
+    f"{step}. To fix: lower optim.lr (now {config.optim.lr}) or "
+    f"optim.clip_norm (now {config.optim.clip_norm}) and start in a new "
+    "--workdir, or check the reward model and prompts for NaNs; rerunning "
+    "the same command continues with the next batches (raise "
+    "train.max_consecutive_nonfinite, now "
+    f"{config.train.max_consecutive_nonfinite}, to tolerate more)"
+  )
 
 
 def _progress(start: int, total: int):

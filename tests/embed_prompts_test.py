@@ -164,7 +164,7 @@ def test_bad_prompt_sources(tmp_path):
     embed_prompts.read_prompts(str(tmp_path / "missing.txt"))
   binary = tmp_path / "b.txt"
   binary.write_bytes(b"\xff\xfe\x00bad")
-  with pytest.raises(embed_prompts.PromptError, match="cannot read"):
+  with pytest.raises(embed_prompts.PromptError, match="not UTF-8"):
     embed_prompts.read_prompts(str(binary))
   bad = tmp_path / "p.jsonl"
   bad.write_text('{"prompt": "ok"}\n{not json}\n')

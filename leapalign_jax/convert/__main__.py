@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 
+from leapalign_jax import errors
 from leapalign_jax.convert.errors import ConversionError
 
 
@@ -33,9 +34,14 @@ def _flux(args) -> list[str]:
   dst = args.dst
   if args.layout == "bfl" and not dst.endswith(".safetensors"):
     dst = os.path.join(dst, "flux1.safetensors")
-  axes = (
-    tuple(int(a) for a in args.axes_dim.split(",")) if args.axes_dim else None
-  )
+  try:
+    axes = (
+      tuple(int(a) for a in args.axes_dim.split(",")) if args.axes_dim else None
+    )
+  except ValueError:
+    raise ConversionError(
+      f"--axes-dim {args.axes_dim!r}: use three integers, e.g. 16,56,56"
+    ) from None
   return convert_flux(args.src, dst, args.layout, args.dtype, axes)
 
 
@@ -131,14 +137,13 @@ def main(argv: list[str] | None = None) -> int:
   args.layout = args.layout or layouts[0]
   if args.layout not in layouts:
     parser.error(f"{args.model} writes --layout {' or '.join(layouts)}")
-  try:
-    written = COMMANDS[args.model](args)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  written = []
+  status = errors.run_command(
+    lambda: written.extend(COMMANDS[args.model](args))
+  )
   for path in written:
     print(path)
-  return 0
+  return status
 
 
 if __name__ == "__main__":

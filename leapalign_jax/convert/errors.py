@@ -1,7 +1,9 @@
 """The one error type every converter raises."""
 
+from leapalign_jax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError):
   """Weights cannot be read or do not match the model; the message says why.
 
   Messages are one line: what is wrong, where (file / key names, the first few

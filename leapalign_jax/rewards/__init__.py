@@ -61,6 +61,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from leapalign_jax.errors import UserError
 from leapalign_jax.rewards import aesthetic, clip_score
 from leapalign_jax.rewards.base import Loaded, Reward, check_images
 
@@ -92,7 +93,7 @@ def _load(
   cfg = dict(cfg)
   kind = cfg.pop("kind", None) or name
   if kind not in _BUILDERS:
-    raise ValueError(
+    raise UserError(
       f"unknown reward {kind!r} (rewards.{name}); registered: "
       f"{', '.join(names())}"
     )
@@ -100,7 +101,7 @@ def _load(
   try:
     weight = float(weight)
   except (TypeError, ValueError):
-    raise ValueError(
+    raise UserError(
       f"rewards.{name}.weight={weight!r} is not a number"
     ) from None
   return weight, _BUILDERS[kind](name, cfg, abstract)
@@ -137,5 +138,5 @@ def build(config: Mapping[str, Any], abstract: bool = False) -> Reward:
   """
   items = list(config.items())
   if not items:
-    raise ValueError("config.rewards is empty; configure at least one reward")
+    raise UserError("config.rewards is empty; configure at least one reward")
   return _bundle({str(n): _load(str(n), _plain(c), abstract) for n, c in items})

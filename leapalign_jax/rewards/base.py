@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from leapalign_jax.errors import UserError
+
 # (params of one reward, images [B, H, W, 3] in [-1, 1], ids [B, L]) -> [B].
 ScoreFn = Callable[[Any, jax.Array, jax.Array | None], jax.Array]
 
@@ -111,7 +113,7 @@ def options(name: str, cfg: Mapping[str, Any], defaults: Mapping[str, Any]):
   """``defaults`` updated by ``cfg``; unknown keys raise a one-line error."""
   unknown = sorted(set(cfg) - set(defaults))
   if unknown:
-    raise ValueError(
+    raise UserError(
       f"rewards.{name}: unknown option(s) {', '.join(unknown)}; this reward "
       f"accepts weight, kind, {', '.join(sorted(defaults))}"
     )
@@ -122,18 +124,18 @@ def choice(name: str, field: str, value, allowed) -> None:
   """Raises a one-line error when ``value`` is not one of ``allowed``."""
   if value not in allowed:
     options = ", ".join(map(str, allowed))
-    raise ValueError(f"rewards.{name}.{field}={value!r}; use one of {options}")
+    raise UserError(f"rewards.{name}.{field}={value!r}; use one of {options}")
 
 
 def require_path(name: str, field: str, value, hint: str) -> str:
   """The configured file path; an empty one raises with ``hint``."""
   if not value:
-    raise ValueError(f"rewards.{name}.{field} is empty; {hint}")
+    raise UserError(f"rewards.{name}.{field} is empty; {hint}")
   return str(value)
 
 
 def check_images(images: Any, margin: float = IMAGE_RANGE_MARGIN) -> None:
-  """Raises a one-line ``ValueError`` unless ``images`` suit a reward.
+  """Raises a one-line ``UserError`` unless ``images`` suit a reward.
 
   Host-side (reads the values), for the evaluation path and scripts: the
   rewards themselves clip to [-1, 1] silently inside jit, so a batch in
@@ -146,18 +148,18 @@ def check_images(images: Any, margin: float = IMAGE_RANGE_MARGIN) -> None:
   """
   x = np.asarray(images)
   if x.ndim != 4 or x.shape[-1] != 3:
-    raise ValueError(
+    raise UserError(
       f"reward images must be [B, H, W, 3] (NHWC); got shape {x.shape}"
     )
   if not np.issubdtype(x.dtype, np.floating):
-    raise ValueError(
+    raise UserError(
       f"reward images must be floats in [-1, 1]; got {x.dtype} (map uint8 "
       "pixels with x / 127.5 - 1)"
     )
   x = x.astype(np.float32)
   bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
   if bad:
-    raise ValueError(f"reward images hold {bad} non-finite values (NaN/inf)")
+    raise UserError(f"reward images hold {bad} non-finite values (NaN/inf)")
   lo, hi = float(x.min()), float(x.max())
   if lo < -1.0 - margin or hi > 1.0 + margin:
     hint = (
@@ -165,7 +167,7 @@ def check_images(images: Any, margin: float = IMAGE_RANGE_MARGIN) -> None:
       if lo >= 0.0 and hi > 2.0
       else "; pass decoded generator images (the decoder's [-1, 1] output)"
     )
-    raise ValueError(
+    raise UserError(
       f"reward images must lie in [-1, 1]; got values in [{lo:.4g}, {hi:.4g}]"
       + hint
     )

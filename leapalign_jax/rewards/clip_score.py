@@ -100,7 +100,7 @@ def apply_scale(cos_B: jnp.ndarray, scale: str, logit_scale) -> jnp.ndarray:
     return jnp.exp(jnp.asarray(logit_scale, jnp.float32)) * cos_B
   if scale == "clipscore":
     return 100.0 * jnp.maximum(cos_B, 0.0)
-  raise ValueError(f"unknown scale {scale!r}; use one of {SCALES}")
+  raise base.UserError(f"unknown scale {scale!r}; use one of {SCALES}")
 
 
 def abstract_clip_model(name: str, opts: dict[str, Any], towers):

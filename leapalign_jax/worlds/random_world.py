@@ -7,21 +7,31 @@ project's exporters (diffusers / transformers layouts), prompts are embedded
 into caches with ``embed_prompts``, and the config's paths are pointed at
 those files. The run then loads everything through the production loaders,
 exactly as it would load FLUX.1-dev.
+
+Every artefact is built aside and renamed into place, and the caches are
+completed (``embed_prompts`` resumes) when a build was killed half-way, so
+``prepare`` survives SIGKILL at any moment. ``world.json`` records what the
+world was built for; a run with a different seed or sizes is refused instead
+of silently reusing another world.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from leapalign_jax.convert.safetensors_io import write_json_atomic
+from leapalign_jax.data import read_manifest
 from leapalign_jax.utils import atomic_dir
 from leapalign_jax.worlds import digits
 
 WORLD = "world"
+IDENTITY = "world.json"
 
 
 def _sizes(opts) -> dict:
@@ -145,11 +155,66 @@ def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
   return paths
 
 
+def _identity(config, sizes: dict) -> dict:
+  """What the world's files depend on."""
+  t = config.text
+  return {
+    "seed": int(config.seed),
+    **sizes,
+    "image_size": int(config.sampling.height),
+    "clip_max_length": int(t.clip_max_length),
+    "t5_max_length": int(t.t5_max_length),
+    "reward_max_length": int(t.reward_max_length),
+    "cache_dtype": str(t.cache_dtype),
+  }
+
+
+def _claim(folder: str, identity: dict) -> None:
+  """Records ``identity`` in a new world; refuses a world built otherwise."""
+  from leapalign_jax.components import ConfigError
+
+  path = os.path.join(folder, IDENTITY)
+  if not os.path.exists(path):
+    write_json_atomic(path, identity)
+    return
+  with open(path) as f:
+    old = json.load(f)
+  diff = sorted(k for k in identity if old.get(k) != identity[k])
+  if diff:
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {identity[k]!r}" for k in diff)
+    raise ConfigError(
+      f"world folder {folder} was built for another config ({shown}); set "
+      "world_options.dir to another folder (or delete that one)"
+    )
+
+
+def _complete(path: str, records: list[dict]) -> bool:
+  """Whether the cache at ``path`` holds exactly ``records`` ' prompts.
+
+  False for a missing cache or one cut short (``embed`` completes it).
+  """
+  from leapalign_jax.components import ConfigError
+  from leapalign_jax.embed_prompts import dedupe
+
+  manifest = read_manifest(path)
+  if manifest is None:
+    return False
+  have = [r["prompt"] for r in manifest["records"]]
+  want = [r["prompt"] for r in dedupe(records)]
+  if have != want[: len(have)]:
+    raise ConfigError(
+      f"{path}: holds other prompts than this world's; delete the world "
+      "folder (or set world_options.dir to a new one)"
+    )
+  return len(have) == len(want)
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str):
   """Builds (once) the random world in ``workdir/world``; returns the config."""
   folder = config.world_options.get("dir") or os.path.join(workdir, WORLD)
   os.makedirs(folder, exist_ok=True)
   sizes = _sizes(config.world_options)
+  _claim(folder, _identity(config, sizes))
   world = digits.DigitsConfig(image_size=config.sampling.height)
   rng = np.random.default_rng(config.seed)
   n_train, n_eval = sizes["num_train_prompts"], sizes["num_eval_prompts"]
@@ -170,6 +235,9 @@ def point_config(config, paths: dict[str, str]) -> ml_collections.ConfigDict:
   """A copy of ``config`` reading the world's models from ``paths``."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.flux.path = paths["flux"]
+  # A world builds its own architecture: `flux.variant` names real
+  # checkpoints' (and what `aot` compiles), not the world's tiny model.
+  c.flux.variant = ""
   c.vae.path = paths["vae"]
   c.text.clip_path = paths["clip_text"]
   c.text.t5_path = paths["t5"]
@@ -185,7 +253,7 @@ def embed_caches(c, caches: dict[str, tuple[str, list[dict]]]) -> None:
 
   encoders = None
   for field, (path, recs) in caches.items():
-    if not os.path.exists(os.path.join(path, "manifest.json")):
+    if not _complete(path, recs):  # new, or a build killed half-way
       encoders = encoders or embed_prompts.TextEncoders(c.text)
       embed_prompts.embed(encoders, recs, path, progress=False)
     if field in c.data:
