@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from leapalign_jax import data
+from leapalign_jax.components import ConfigError
 from leapalign_jax.utils import atomic_dir
 from leapalign_jax.worlds import digits, digits_eval, digits_train, random_world
 
@@ -90,7 +91,7 @@ def options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   given = config.world_options.to_dict()
   unknown = sorted(set(given) - set(DEFAULTS))
   if unknown:
-    raise ValueError(
+    raise ConfigError(
       f"world_options {unknown} are not digits-world options; known: "
       f"{sorted(DEFAULTS)}"
     )
@@ -104,7 +105,7 @@ def world_config(config: ml_collections.ConfigDict) -> digits.DigitsConfig:
   """The rendered world: the default layout on the run's canvas size."""
   s = config.sampling
   if s.height != s.width:
-    raise ValueError(
+    raise ConfigError(
       f"the digits world is square; got sampling {s.height}x{s.width}"
     )
   return digits.DigitsConfig(image_size=int(s.height))
@@ -161,7 +162,7 @@ def split_prompts(world, opts, seed: int) -> tuple[list, list]:
   held = set(opts["eval_templates"])
   train_pool = [r for r in records if r["template"] not in held]
   if not held or not train_pool:
-    raise ValueError(
+    raise ConfigError(
       "world_options.eval_templates must hold out some, not all, of the "
       f"{len(world.templates)} phrasings"
     )
@@ -402,29 +403,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _check_world_file(folder: str, built: dict[str, Any]) -> None:
-  path = os.path.join(folder, "world.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      found = json.load(f)
-    if found != built:
-      flat_found, flat_built = _flatten(found), _flatten(built)
-      changed = sorted(
-        k
-        for k in set(flat_found) | set(flat_built)
-        if flat_found.get(k) != flat_built.get(k)
-      )
-      raise ValueError(
-        f"{folder} was built with different digits-world options {changed};"
-        " use a new world_options.dir (or workdir), or delete that folder"
-      )
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(built, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _stage(folder: str, name: str, out: str, fn: Callable[[], dict]) -> None:
   """Runs ``fn`` unless ``out`` exists; records its summary in stages.json."""
   if os.path.exists(out):
@@ -461,7 +439,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
       for k in ("clip_max_length", "t5_max_length", "reward_max_length")
     },
   }
-  _check_world_file(folder, json.loads(json.dumps(built)))
+  random_world.claim(folder, _flatten(json.loads(json.dumps(built))))
 
   records = all_records(world)
   paths = random_world.write_text_models(

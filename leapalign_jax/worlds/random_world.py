@@ -169,7 +169,7 @@ def _identity(config, sizes: dict) -> dict:
   }
 
 
-def _claim(folder: str, identity: dict) -> None:
+def claim(folder: str, identity: dict) -> None:
   """Records ``identity`` in a new world; refuses a world built otherwise."""
   from leapalign_jax.components import ConfigError
 
@@ -214,7 +214,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   folder = config.world_options.get("dir") or os.path.join(workdir, WORLD)
   os.makedirs(folder, exist_ok=True)
   sizes = _sizes(config.world_options)
-  _claim(folder, _identity(config, sizes))
+  claim(folder, _identity(config, sizes))
   world = digits.DigitsConfig(image_size=config.sampling.height)
   rng = np.random.default_rng(config.seed)
   n_train, n_eval = sizes["num_train_prompts"], sizes["num_eval_prompts"]
