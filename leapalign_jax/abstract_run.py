@@ -65,6 +65,11 @@ def build(config: ml_collections.ConfigDict, mesh) -> AbstractRun:
   from leapalign_jax.models.autoencoder import decode_fn
 
   f, rules = config.flux, config.mesh.rules
+  if f.variant not in flux.VARIANTS:
+    raise components.ConfigError(
+      f"config.flux.variant={f.variant!r}: ahead-of-time compilation needs "
+      f"the architecture; set it to one of {sorted(flux.VARIANTS)}"
+    )
   flux_cfg = dataclasses.replace(
     flux.VARIANTS[f.variant],
     dtype=f.dtype,

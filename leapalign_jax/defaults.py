@@ -25,8 +25,10 @@ def base() -> ml_collections.ConfigDict:
   c.flux = ml_collections.ConfigDict(
     {
       "path": "",  # BFL file or diffusers folder / FLUX.1-dev snapshot root
-      # Architecture (models.flux.VARIANTS) for `aot`; loading reads the file.
-      "variant": "dev",
+      # "" detects the architecture from the weights; "dev" / "schnell" /
+      # "tiny" also requires it (other weights are refused) and is what
+      # `aot` compiles (it needs one).
+      "variant": "",
       "dtype": "bfloat16",  # compute
       "param_dtype": "float32",  # master weights
       "remat": "full",  # per-block: none | full | dots | names

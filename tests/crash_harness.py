@@ -129,7 +129,11 @@ def _trigger_ready(trigger, proc_start, state, workdir, world, rng) -> bool:
   if trigger == "world":
     if "at" not in state and (Path(world) / "world.json").exists():
       state["at"] = now + rng.uniform(0.0, 20.0)
-    return "at" in state and now >= state["at"]
+    # Never later than the world's last artefact (the eval cache): on a
+    # fast or warm machine the build ends well within 20 s, and a kill
+    # landing mid-training would leave the later triggers too few steps.
+    done = (Path(world) / "cache_eval" / "manifest.json").exists()
+    return "at" in state and (now >= state["at"] or done)
   if trigger == "step":
     if "at" not in state and _lines(wd / "metrics.jsonl") > state["lines0"]:
       state["at"] = now + rng.uniform(0.0, 2.0)

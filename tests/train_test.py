@@ -158,7 +158,7 @@ def test_nonfinite_steps_are_skipped_then_stop(world_dir, tmp_path):
     jax.tree.leaves(restored["state"]["params"]),
     jax.tree.leaves(ref["state"]["params"]),
   ):
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8)
 
 
 def test_metrics_window_summary():
