@@ -368,6 +368,26 @@ def _geometry(config, ae_cfg, flux_cfg) -> Geometry:
   return Geometry(s.height, s.width, lh, lw, zc)
 
 
+def flux_velocity(model, x_BLC, t_B, batch, tokens, guidance=None):
+  """Flux's velocity for packed latents and a cached-embedding batch.
+
+  ``tokens`` is the ``(h, w)`` token grid; ``guidance`` the distilled
+  guidance scale (None for models without a guidance embedding).
+  """
+  B = x_BLC.shape[0]
+  return model(
+    img=x_BLC,
+    img_ids=sampling.img_ids(B, *tokens),
+    txt=batch["t5"],
+    txt_ids=sampling.txt_ids(B, batch["t5"].shape[1]),
+    timesteps=t_B,
+    y=batch["clip_pooled"],
+    guidance=None
+    if guidance is None
+    else jnp.full((B,), guidance, jnp.float32),
+  )
+
+
 def make_step_fns(config, graphdef, flux_cfg, geo: Geometry, decode, reward):
   """The step's velocity / reward / noise functions and its sigma grid.
 
@@ -381,18 +401,7 @@ def make_step_fns(config, graphdef, flux_cfg, geo: Geometry, decode, reward):
   def velocity(p, frozen_flux, x, t, batch):
     states = (p,) if frozen_flux is None else (p, frozen_flux)
     model = nnx.merge(graphdef, *states)
-    B = x.shape[0]
-    return model(
-      img=x,
-      img_ids=sampling.img_ids(B, h_tok, w_tok),
-      txt=batch["t5"],
-      txt_ids=sampling.txt_ids(B, batch["t5"].shape[1]),
-      timesteps=t,
-      y=batch["clip_pooled"],
-      guidance=None
-      if guidance is None
-      else jnp.full((B,), guidance, jnp.float32),
-    )
+    return flux_velocity(model, x, t, batch, geo.tokens, guidance)
 
   def reward_fn(frozen, x0, batch):
     z = sampling.unpack_tokens(x0, h_tok, w_tok)

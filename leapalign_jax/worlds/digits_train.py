@@ -33,7 +33,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from leapalign_jax import sampling
 from leapalign_jax.rewards import preprocess as pp
 
 _LOG = logging.getLogger(__name__)
@@ -171,18 +170,12 @@ def flow_matching_loss(velocity: Callable[..., jax.Array]) -> LossFn:
 
 def flux_velocity(graphdef, h_tokens: int, w_tokens: int):
   """``(params, x, t, batch) -> v`` for a Flux graph without guidance."""
+  from leapalign_jax import components
 
   def velocity(params, x_BLC, t_B, batch):
     model = nnx.merge(graphdef, params)
-    B = x_BLC.shape[0]
-    return model(
-      img=x_BLC,
-      img_ids=sampling.img_ids(B, h_tokens, w_tokens),
-      txt=batch["t5"],
-      txt_ids=sampling.txt_ids(B, batch["t5"].shape[1]),
-      timesteps=t_B,
-      y=batch["clip_pooled"],
-      guidance=None,
+    return components.flux_velocity(
+      model, x_BLC, t_B, batch, (h_tokens, w_tokens)
     )
 
   return velocity
