@@ -60,6 +60,55 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class _EventFile:
+  """A TensorBoard event file written synchronously.
+
+  tensorboardX's ``SummaryWriter`` queues events for a background thread and
+  its ``flush`` does not drain that queue, so events logged just before a
+  checkpoint could be lost to a SIGKILL after it. Here every event written
+  before ``flush`` is on disk when it returns (the loop flushes before each
+  checkpoint).
+  """
+
+  def __init__(self, logdir: str, resume_step: int):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+
+    os.makedirs(logdir, exist_ok=True)
+    self._pb = event_pb2
+    # TensorBoard reads files in name order and tensorboardX names them by
+    # the second: a nanosecond suffix keeps restarts in order even within
+    # one second (the pid keeps two processes apart).
+    self._writer = EventsWriter(
+      os.path.join(logdir, "events"), f".{time.time_ns()}.{os.getpid()}"
+    )
+    # SessionLog.START at step s: TensorBoard hides the events a killed run
+    # wrote at steps >= s, i.e. past the restored step.
+    self._write(
+      step=resume_step + 1,
+      session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+    )
+
+  def _write(self, **fields) -> None:
+    self._writer.write_event(self._pb.Event(wall_time=time.time(), **fields))
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    from tensorboardX import summary
+
+    self._write(step=int(step), summary=summary.scalar(tag, value))
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    from tensorboardX import summary
+
+    self._write(step=int(step), summary=summary.text(tag, text))
+
+  def flush(self) -> None:
+    self._writer.flush()  # also fsyncs
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 class Writer:
   """JSONL + TensorBoard scalars (process 0 only; others are no-ops)."""
 
@@ -75,17 +124,7 @@ class Writer:
     truncate_jsonl(self.path, resume_step)
     self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      # purge_step: TensorBoard hides the events a killed run wrote past
-      # the restored step. The pid suffix keeps two runs started within the
-      # same second (tensorboardX names files by the second) from
-      # truncating each other's file.
-      self._tb = SummaryWriter(
-        os.path.join(workdir, "tensorboard"),
-        purge_step=resume_step + 1,
-        filename_suffix=f".{os.getpid()}",
-      )
+      self._tb = _EventFile(os.path.join(workdir, "tensorboard"), resume_step)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -100,7 +139,7 @@ class Writer:
           and isinstance(v, (int, float))
           and not isinstance(v, bool)
         ):
-          self._tb.add_scalar(k, v, step)
+          self._tb.scalar(k, v, step)
 
   def flush(self) -> None:
     """Pushes buffered lines and TensorBoard events to the files."""
@@ -113,7 +152,7 @@ class Writer:
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     if self.enabled and self._tb is not None:
-      self._tb.add_text(tag, text, step)
+      self._tb.text(tag, text, step)
 
   def close(self) -> None:
     if not self.enabled:

@@ -6,7 +6,8 @@ starts the command, waits for its trigger, sends the signal, and the next
 start resumes; after the plan the command runs to completion. Triggers:
 
 - ``world``: a random time into the world preparation (models, caches);
-- ``step``: a random time after the first metrics line (mid-step);
+- ``step``: a random time after the first metrics line (mid-step), at the
+  latest once the checkpoint four steps before the end is written;
 - ``ckpt_write``: as soon as a checkpoint's temporary folder appears;
 - ``ckpt_commit``: as soon as it holds ``commit_success.txt`` (orbax's
   last act before the rename), or else right after the rename;
@@ -137,7 +138,11 @@ def _trigger_ready(trigger, proc_start, state, workdir, world, rng) -> bool:
   if trigger == "step":
     if "at" not in state and _lines(wd / "metrics.jsonl") > state["lines0"]:
       state["at"] = now + rng.uniform(0.0, 2.0)
-    return "at" in state and now >= state["at"]
+    # Never later than four steps before the end: a SIGTERM during the last
+    # step ends the run normally (it exports), and the later triggers need
+    # checkpoint writes still to come.
+    late = (latest_step(workdir) or 0) >= state["num_steps"] - 4
+    return "at" in state and (now >= state["at"] or late)
   if trigger == "ckpt_write":
     return bool(_tmp_dirs(ckpt))
   if trigger == "ckpt_commit":
