@@ -22,6 +22,16 @@ reach and LeapAlign's leaps from early steps can. The held-out evaluator,
 which is never a training reward, reports digit / colour / position accuracy
 so that reward hacking (reward up, accuracy down) is visible.
 
+The reward has to read the digit. A tiny CLIP trained contrastively on
+i.i.d. batches learns colour and position first (nearly every in-batch
+negative differs in one of them) and, after 400 steps, ranked an image's own
+digit above the nine others in only 27% of held-out renders (chance: 10%);
+aligned against it, every method raised the reward and lowered digit
+accuracy. The reward stage therefore builds each batch from a few
+colour/position pairs (most negatives then differ only in the digit), adds
+each prompt naming another digit as a text negative, and trains 1,200 steps:
+digit ranking 68% (``stages.json``: ``reward.digit_rank_acc``).
+
 ``get_config("fast")`` is a seconds-long version of the same pipeline (a few
 steps per stage; nothing is learnt) for tests and smoke runs.
 """

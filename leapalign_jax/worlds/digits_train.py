@@ -258,7 +258,10 @@ def clip_loss(graphdef, image_size: int, noise: float) -> LossFn:
 
   Duplicate prompts in a batch are not negatives of each other: their
   targets share the probability mass. Each text also sees one corrupted
-  copy of every image (``hard_negatives``) as an extra negative.
+  copy of every image (``hard_negatives``) as an extra negative, and each
+  image also sees every ``swap_ids`` text (the same prompt naming another
+  digit): colour and position alone do not tell those apart, so the reward
+  has to read the digit's shape.
   """
 
   def loss_fn(params, batch, key):
@@ -268,18 +271,21 @@ def clip_loss(graphdef, image_size: int, noise: float) -> LossFn:
     neg = hard_negatives(k_neg, batch["images"])
     both = pp.clip_preprocess(jnp.concatenate([x, neg]), size=image_size)
     img = clip.image_features(both)
-    txt = clip.text_features(batch["ids"])
+    txt = clip.text_features(jnp.concatenate([batch["ids"], batch["swap_ids"]]))
     img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
     txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
     scale = jnp.exp(jnp.clip(clip.logit_scale[...], 0.0, np.log(100.0)))
-    B = txt.shape[0]
-    logits = scale * txt @ img.T  # [B texts, 2B images]
-    same = (batch["combo"][:, None] == batch["combo"][None, :]).astype(
-      jnp.float32
-    )
-    target = same / same.sum(1, keepdims=True)
-    t2i = jnp.sum(target * jax.nn.log_softmax(logits, 1)[:, :B], 1)
-    i2t = jnp.sum(target * jax.nn.log_softmax(logits[:, :B], 0), 0)
+    B = batch["ids"].shape[0]
+    logits = scale * txt @ img.T  # [2B texts, 2B images]
+    combo = batch["combo"]
+    # [B images, 2B texts]: a swapped text can name another image's combo.
+    same = (
+      combo[:, None] == jnp.concatenate([combo, batch["swap_combo"]])[None]
+    ).astype(jnp.float32)
+    t2i = jax.nn.log_softmax(logits[:B], 1)[:, :B]  # texts over 2B images
+    i2t = jax.nn.log_softmax(logits[:, :B], 0).T  # images over 2B texts
+    t2i = jnp.sum(same[:, :B] / same[:, :B].sum(1, keepdims=True) * t2i, 1)
+    i2t = jnp.sum(same / same.sum(1, keepdims=True) * i2t, 1)
     return -0.5 * (jnp.mean(t2i) + jnp.mean(i2t)), None
 
   return loss_fn
