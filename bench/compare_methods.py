@@ -5,8 +5,11 @@ variant aligns for the same number of iterations with seeds 0..S-1, then the
 EMA weights are evaluated on the 250 held-out prompts (every digit x colour x
 position once). Reported per variant, as mean ± std over seeds: the in-domain
 reward (the CLIP reward on the held-out prompts), the held-out evaluator's
-accuracy per attribute (never a training reward), the mean training step time
-and the compiled step's temporary memory.
+accuracy per attribute (never a training reward), and per variant the
+compiled step's median time and temporary memory. The step times are taken
+one variant after another in one process before any run (same batch,
+nothing else running), so they compare; each run's training-log mean step
+time is in the JSON (``step_s``) but depends on what else the machine ran.
 
   python bench/compare_methods.py [--seeds 3] [--steps 100] [--out DIR]
       [--variants leapalign,refl,...] [--config configs/digits.py]
@@ -48,13 +51,7 @@ def slug(name: str) -> str:
   return name.replace(" ", "_").replace("=", "")
 
 
-def run_one(config_path, world, out, name, seed, steps):
-  """Aligns one (variant, seed); returns its record (reused if done)."""
-  workdir = os.path.join(out, "runs", f"{slug(name)}_s{seed}")
-  done = os.path.join(workdir, "record.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
+def variant_config(config_path, world, name, seed, steps):
   overrides = [
     f"world_options.dir={world!r}",
     f"seed={seed}",
@@ -65,8 +62,17 @@ def run_one(config_path, world, out, name, seed, steps):
     "export.enabled=False",
     *VARIANTS[name],
   ]
-  config = configs_io.load_config(config_path, overrides)
-  temp = compiled_temp_bytes(config, out, name)
+  return configs_io.load_config(config_path, overrides)
+
+
+def run_one(config_path, world, out, name, seed, steps):
+  """Aligns one (variant, seed); returns its record (reused if done)."""
+  workdir = os.path.join(out, "runs", f"{slug(name)}_s{seed}")
+  done = os.path.join(workdir, "record.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  config = variant_config(config_path, world, name, seed, steps)
   result = train.train_and_evaluate(config, workdir)
   lines = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   # The first logged window includes compilation: leave it out.
@@ -76,7 +82,6 @@ def run_one(config_path, world, out, name, seed, steps):
     "seed": seed,
     "after": result["after"],
     "step_s": float(np.mean(step_s)),
-    "temp_bytes": temp,
     "curve": [[x["step"], x["train/reward"]] for x in lines],
   }
   with open(done + ".tmp", "w") as f:
@@ -85,18 +90,23 @@ def run_one(config_path, world, out, name, seed, steps):
   return record
 
 
-def compiled_temp_bytes(config, out, name) -> int:
-  """The compiled step's temporary memory (per variant; seed-independent)."""
-  path = os.path.join(out, "memory.json")
+def compiled_figures(config_path, world, out, name, steps, repeats=20):
+  """The compiled step's median time and temporary memory (seed 0)."""
+  path = os.path.join(out, "compiled.json")
   known = {}
   if os.path.exists(path):
     with open(path) as f:
       known = json.load(f)
   if name not in known:
     from compiled_step import compile_step
+    from timing import median_time
 
-    compiled, _, _ = compile_step(config, out)
-    known[name] = int(compiled.memory_analysis().temp_size_in_bytes)
+    config = variant_config(config_path, world, name, 0, steps)
+    compiled, args, _ = compile_step(config, out)
+    known[name] = {
+      "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+      "step_s": median_time(lambda: compiled(*args)[1], repeats),
+    }
     with open(path + ".tmp", "w") as f:
       json.dump(known, f)
     os.replace(path + ".tmp", path)
@@ -120,7 +130,7 @@ def base_eval(config_path, world, out):
   return summary
 
 
-def table(base, records, names) -> str:
+def table(base, records, figures, names) -> str:
   head = ["variant", *COLUMNS, "step s", "temp MiB"]
   rows = [
     "| " + " | ".join(head) + " |",
@@ -137,8 +147,8 @@ def table(base, records, names) -> str:
     for c in COLUMNS:
       v = np.array([r["after"][c] for r in rs])
       cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
-    cells.append(f"{np.mean([r['step_s'] for r in rs]):.2f}")
-    cells.append(f"{rs[0]['temp_bytes'] / 2**20:.1f}")
+    cells.append(f"{figures[name]['step_s']:.3f}")
+    cells.append(f"{figures[name]['temp_bytes'] / 2**20:.1f}")
     rows.append(f"| {name} (n={len(rs)}) | " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
@@ -180,12 +190,17 @@ def main(argv=None):
   world = os.path.join(out, "world")
   os.makedirs(out, exist_ok=True)
   base = base_eval(args.config, world, out)
+  # Timed first, one variant after another, while nothing else runs.
+  figures = {
+    name: compiled_figures(args.config, world, out, name, args.steps)
+    for name in names
+  }
   records = []
   for seed in range(args.seeds):  # seed-major: early stops cover variants
     for name in names:
       records.append(run_one(args.config, world, out, name, seed, args.steps))
       print(f"done {name} seed {seed}", file=sys.stderr, flush=True)
-  md = table(base, records, names)
+  md = table(base, records, figures, names)
   stamp = datetime.date.today().isoformat()
   machine = (
     f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
@@ -198,7 +213,10 @@ def main(argv=None):
   with open(os.path.join(out, "compare_methods.md"), "w") as f:
     f.write(header + "\n\n" + md + "\n")
   with open(os.path.join(out, "compare_methods.json"), "w") as f:
-    json.dump({"header": header, "base": base, "records": records}, f)
+    json.dump(
+      {"header": header, "base": base, "compiled": figures, "records": records},
+      f,
+    )
   plot(records, names, os.path.join(out, "reward_curves.png"))
   return 0
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
 from flax import nnx
+from timing import median_time
 
 from leapalign_jax.convert import load_flux
 
@@ -66,17 +66,6 @@ def inputs(spec, batch=2):
   )
 
 
-def median_time(fn, repeats, warmup=3):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def run(name, spec, repeats):
   with tempfile.TemporaryDirectory() as tmp:
     tmodel = build(spec, tmp)
@@ -119,10 +108,8 @@ def run(name, spec, repeats):
 
   out_t = torch_forward().numpy()
   err = float(np.max(np.abs(np.asarray(out_j) - out_t)) / np.max(np.abs(out_t)))
-  jax_s = median_time(
-    lambda: jax_forward(params, *jx).block_until_ready(), repeats
-  )
-  torch_s = median_time(torch_forward, repeats)
+  jax_s = median_time(lambda: jax_forward(params, *jx), repeats, warmup=3)
+  torch_s = median_time(torch_forward, repeats, warmup=3)
   n_params = sum(p.numel() for p in tmodel.parameters())
   return dict(
     config=name,

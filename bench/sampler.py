@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch_refs  # noqa: E402
+from timing import median_time  # noqa: E402
 
 from leapalign_jax import defaults, embed_prompts, sampling  # noqa: E402
 from leapalign_jax.convert import load_autoencoder, load_flux  # noqa: E402
@@ -39,17 +39,6 @@ CONFIGS = {
   "tiny": (32, 32, 2, 1, 1),
   "small": (64, 128, 2, 2, 2),
 }
-
-
-def median_time(fn, repeats, warmup=1):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def run(name, steps, repeats):
@@ -114,7 +103,7 @@ def run(name, steps, repeats):
 
   ref = torch_run()
   err = float(np.max(np.abs(np.clip((ours + 1) / 2, 0, 1) - ref)))
-  jax_s = median_time(lambda: jax.block_until_ready(sampler(*args)), repeats)
+  jax_s = median_time(lambda: sampler(*args), repeats)
   torch_s = median_time(torch_run, repeats)
   return dict(
     config=name,

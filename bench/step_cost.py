@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 from compiled_step import compile_step
+from timing import median_time
 
 from leapalign_jax import configs_io
 from leapalign_jax import step as step_lib
@@ -53,16 +52,6 @@ def config_for(world_dir, method, num_steps, hidden, batch, size):
       *extra,
     ],
   )
-
-
-def median_time(fn, repeats):
-  fn()  # warm-up (compile / first run)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def parts(comps, state, batch, repeats):

@@ -108,6 +108,11 @@ class Components:
   decode: Any  # (vae_params, z_BHWC) -> images in [-1, 1]
   reward: Any  # rewards.Reward: .score / .score_each / .names
   lora_paths: tuple[str, ...] = ()
+  # One compiled sampler / scorer per shape, shared by the evaluations
+  # before and after training (a fresh jit per call recompiled them).
+  _jitted: dict = dataclasses.field(
+    default_factory=dict, init=False, repr=False
+  )
 
   # --- state --------------------------------------------------------------
 
@@ -128,6 +133,12 @@ class Components:
   def reward_each(self, reward_params, images, ids) -> dict[str, jax.Array]:
     """Every configured reward separately, ``{name: r_B}`` (evaluation)."""
     return self.reward.score_each(reward_params, images, ids)
+
+  def reward_each_fn(self):
+    """``reward_each``, jitted once per Components."""
+    if "reward_each" not in self._jitted:
+      self._jitted["reward_each"] = jax.jit(self.reward_each)
+    return self._jitted["reward_each"]
 
   def log_parameter_overview(self, state) -> None:
     from clu import parameter_overview
@@ -171,6 +182,12 @@ class Components:
 
   def sample_fn(self, num_steps: int):
     """Jitted ``(params, frozen, batch, keys [B, 2]) -> images [B, H, W, 3]``."""
+    key = ("sample", num_steps)
+    if key not in self._jitted:
+      self._jitted[key] = self._make_sample_fn(num_steps)
+    return self._jitted[key]
+
+  def _make_sample_fn(self, num_steps: int):
     from leapalign_jax.sample import make_sampler
 
     g = (

@@ -74,7 +74,7 @@ def score(
   ids = np.stack(
     [cache[i]["reward_ids"] for i in indices for _ in range(per_prompt)]
   )
-  fn = jax.jit(comps.reward_each)
+  fn = comps.reward_each_fn()
   bs = int(comps.config.eval.batch_size)
   out: dict[str, list] = {}
   for start in range(0, len(imgs), bs):

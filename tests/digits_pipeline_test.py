@@ -102,7 +102,12 @@ def test_prepare_resumes_only_missing_stages(built, tmp_path):
   shutil.rmtree(os.path.join(copy, "reward_clip"))
   cfg = fast(f"world_options.dir={copy!r}")
   digits_pipeline.prepare(cfg, str(tmp_path))
-  assert os.path.isdir(os.path.join(copy, "reward_clip"))
+  # Trained alone it is the same reward as trained beside the AE and Flux.
+  for name in sorted(os.listdir(os.path.join(folder, "reward_clip"))):
+    with open(os.path.join(folder, "reward_clip", name), "rb") as f:
+      want = f.read()
+    with open(os.path.join(copy, "reward_clip", name), "rb") as f:
+      assert f.read() == want, name
   for n in ("vae", "transformer", "evaluator.npz"):
     assert os.path.getmtime(os.path.join(copy, n)) == mtimes[n], n
   # A different option set must not silently reuse this world.
@@ -133,3 +138,28 @@ def test_main_job_end_to_end(built, tmp_path):
     assert (folder / tag / "grid.png").exists()
   assert out["after"]["eval/digit"] == summary["eval/digit"]
   assert "eval/digit" in (folder / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("failing", ["_train_autoencoder", "_train_reward"])
+def test_a_failing_stage_stops_the_concurrent_one(
+  failing, tmp_path, monkeypatch
+):
+  """The reward trains beside the autoencoder/Flux: a failure on either
+  thread stops the other within a step and is the error raised."""
+
+  def boom(*args, **kwargs):
+    raise RuntimeError(f"boom in {failing}")
+
+  monkeypatch.setattr(digits_pipeline, failing, boom)
+  # The surviving stage alone would take minutes at these step counts.
+  cfg = fast(
+    "world_options.ae_steps=5000",
+    "world_options.flux_steps=5000",
+    "world_options.reward_steps=5000",
+  )
+  with pytest.raises(RuntimeError, match=f"boom in {failing}"):
+    digits_pipeline.prepare(cfg, str(tmp_path))
+  folder = tmp_path / "world"
+  for name in STAGE_OUTPUTS:
+    assert not (folder / name).exists(), name
+  assert not (folder / "stages.json").exists()

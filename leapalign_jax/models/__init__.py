@@ -5,6 +5,9 @@ Parameters carry logical sharding annotations but are never sharded eagerly:
 ``out_shardings``), so models can be built and traced without a mesh.
 """
 
-from flax import nnx
+import flax
 
-nnx.use_eager_sharding(False)
+# The process-wide default, not ``nnx.use_eager_sharding(False)``: that sets a
+# thread-local stack, and models are also built on other threads (the digits
+# world trains its reward beside the autoencoder).
+flax.config.update("flax_always_shard_variable", False)

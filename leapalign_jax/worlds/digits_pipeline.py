@@ -19,6 +19,10 @@ code and saved as a real checkpoint in the layout users' files come in:
 
 Each stage is skipped when its output exists, and outputs are written
 atomically, so an interrupted preparation resumes at the unfinished stage.
+The reward and the evaluator depend on no other stage and train on a second
+thread while the autoencoder and the base Flux train: neither stage fills
+both cores of a 2-core CPU, and overlapping them shortens the first run by
+about a minute with the same results (each stage's computation is unchanged).
 ``world.json`` records the options the folder was built with; a run whose
 options differ is refused instead of silently reusing other models.
 ``stages.json`` records each stage's wall time and final loss.
@@ -26,10 +30,12 @@ options differ is refused instead of silently reusing other models.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -265,7 +271,7 @@ def _cache_arrays(folder: str) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in data.FIELDS}
 
 
-def _train_autoencoder(opts, images: np.ndarray, seed: int, out: str):
+def _train_autoencoder(opts, images: np.ndarray, seed: int, out: str, stop):
   from leapalign_jax.convert import export_autoencoder
   from leapalign_jax.models import autoencoder
 
@@ -286,6 +292,7 @@ def _train_autoencoder(opts, images: np.ndarray, seed: int, out: str):
     lr=float(opts["ae_lr"]),
     seed=seed,
     name="autoencoder",
+    stop=stop,
   )
   nnx.update(ae, params)
   mean, std = digits_train.latent_stats(ae, images[:2048])
@@ -314,7 +321,7 @@ def _encode_images(vae_path: str, images: np.ndarray) -> np.ndarray:
   return np.asarray(sampling.pack(jnp.asarray(z)))
 
 
-def _train_flux(opts, x0: np.ndarray, text, prompt_ids, seed: int, out: str):
+def _train_flux(opts, x0: np.ndarray, text, prompt_ids, seed, out, stop):
   from leapalign_jax.convert import export_flux
   from leapalign_jax.models import flux
 
@@ -343,6 +350,7 @@ def _train_flux(opts, x0: np.ndarray, text, prompt_ids, seed: int, out: str):
     seed=seed,
     name="flux",
     ema_decay=float(opts["flux_ema"]),
+    stop=stop,
   )
   nnx.update(model, params)
   with atomic_dir(out) as tmp:
@@ -350,7 +358,7 @@ def _train_flux(opts, x0: np.ndarray, text, prompt_ids, seed: int, out: str):
   return summary
 
 
-def _train_reward(config, opts, world, reward_ids, seed: int, out: str):
+def _train_reward(config, opts, world, reward_ids, seed: int, out: str, stop):
   from leapalign_jax.convert import export_clip
   from leapalign_jax.models import clip
 
@@ -398,6 +406,7 @@ def _train_reward(config, opts, world, reward_ids, seed: int, out: str):
     lr=float(opts["reward_lr"]),
     seed=seed,
     name="reward",
+    stop=stop,
   )
   nnx.update(model, params)
   summary["digit_rank_acc"] = reward_digit_accuracy(
@@ -450,6 +459,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+_STAGES_LOCK = threading.Lock()  # stages.json: written from two threads
+
+
 def _stage(folder: str, name: str, out: str, fn: Callable[[], dict]) -> None:
   """Runs ``fn`` unless ``out`` exists; records its summary in stages.json."""
   if os.path.exists(out):
@@ -459,15 +471,16 @@ def _stage(folder: str, name: str, out: str, fn: Callable[[], dict]) -> None:
   summary = fn() or {}
   summary["wall_seconds"] = time.perf_counter() - start
   path = os.path.join(folder, "stages.json")
-  stages = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      stages = json.load(f)
-  stages[name] = summary
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(stages, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  with _STAGES_LOCK:
+    stages = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        stages = json.load(f)
+    stages[name] = summary
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(stages, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
   _LOG.info("digits world: %s done in %.1f s", name, summary["wall_seconds"])
 
 
@@ -522,38 +535,60 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
       pre.append(pretrain_set(world, opts, seed))
     return pre[0]
 
-  _stage(
-    folder,
-    "autoencoder",
-    paths["vae"],
-    lambda: _train_autoencoder(
-      opts, pretrain_data().images, seed + 1, paths["vae"]
-    ),
-  )
+  # Set by whichever thread fails first; the other stops at its next step.
+  stop = threading.Event()
+
+  def reward_and_evaluator() -> None:
+    try:
+      _side_stages()
+    except BaseException:
+      stop.set()
+      raise
+
+  def _side_stages() -> None:
+    _stage(
+      folder,
+      "reward",
+      paths["reward"],
+      lambda: _train_reward(
+        config, opts, world, text["reward_ids"], seed + 3, paths["reward"], stop
+      ),
+    )
+    evaluator_path = os.path.join(folder, "evaluator.npz")
+    _stage(
+      folder,
+      "evaluator",
+      evaluator_path,
+      lambda: digits_eval.fit(seed, world).save(evaluator_path),
+    )
 
   def flux_stage():
     b = pretrain_data()
     ps = b.prompt_set
     ids = prompt_index(world, ps.digit, ps.colour, ps.position, ps.template)
     x0 = _encode_images(paths["vae"], b.images)
-    return _train_flux(opts, x0, text, ids, seed + 2, paths["flux"])
+    return _train_flux(opts, x0, text, ids, seed + 2, paths["flux"], stop)
 
-  _stage(folder, "flux", paths["flux"], flux_stage)
-  _stage(
-    folder,
-    "reward",
-    paths["reward"],
-    lambda: _train_reward(
-      config, opts, world, text["reward_ids"], seed + 3, paths["reward"]
-    ),
-  )
-  evaluator_path = os.path.join(folder, "evaluator.npz")
-  _stage(
-    folder,
-    "evaluator",
-    evaluator_path,
-    lambda: digits_eval.fit(seed, world).save(evaluator_path),
-  )
+  # Leaving the block waits for the side thread (at most one step after
+  # ``stop`` is set).
+  with concurrent.futures.ThreadPoolExecutor(1, "digits-world") as pool:
+    side = pool.submit(reward_and_evaluator)
+    try:
+      _stage(
+        folder,
+        "autoencoder",
+        paths["vae"],
+        lambda: _train_autoencoder(
+          opts, pretrain_data().images, seed + 1, paths["vae"], stop
+        ),
+      )
+      _stage(folder, "flux", paths["flux"], flux_stage)
+    except digits_train.CancelledError:
+      pass  # the side thread failed: its error is raised below
+    except BaseException:
+      stop.set()
+      raise
+  side.result()  # the side thread's error, if any
   c.lock()
   return c
 

@@ -23,6 +23,7 @@ and skips a stage whose checkpoint exists.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,11 @@ from flax import nnx
 from leapalign_jax.rewards import preprocess as pp
 
 _LOG = logging.getLogger(__name__)
+
+
+class CancelledError(Exception):
+  """``fit`` stopped early because its ``stop`` event was set."""
+
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
 
@@ -51,8 +57,12 @@ def fit(
   name: str,
   ema_decay: float | None = None,
   log_every: int = 100,
+  stop: threading.Event | None = None,
 ) -> tuple[Any, dict[str, float]]:
   """Adam on ``loss_fn(params, batch, key) -> (loss, aux)`` for ``steps``.
+
+  ``stop``: checked before each step; once set, ``CancelledError`` is raised
+  (a stage running beside another that failed stops within a step).
 
   Returns:
     The trained params (the EMA when ``ema_decay`` is set) and a summary:
@@ -84,6 +94,8 @@ def fit(
   losses = []
   start = time.perf_counter()
   for i in range(steps):
+    if stop is not None and stop.is_set():
+      raise CancelledError(name)
     batch = batch_fn(i)
     key = jax.random.fold_in(root, i)
     params, opt_state, ema, loss = step(
