@@ -539,28 +539,31 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   stop = threading.Event()
 
   def reward_and_evaluator() -> None:
+    evaluator_path = os.path.join(folder, "evaluator.npz")
     try:
-      _side_stages()
+      _stage(
+        folder,
+        "reward",
+        paths["reward"],
+        lambda: _train_reward(
+          config,
+          opts,
+          world,
+          text["reward_ids"],
+          seed + 3,
+          paths["reward"],
+          stop,
+        ),
+      )
+      _stage(
+        folder,
+        "evaluator",
+        evaluator_path,
+        lambda: digits_eval.fit(seed, world).save(evaluator_path),
+      )
     except BaseException:
       stop.set()
       raise
-
-  def _side_stages() -> None:
-    _stage(
-      folder,
-      "reward",
-      paths["reward"],
-      lambda: _train_reward(
-        config, opts, world, text["reward_ids"], seed + 3, paths["reward"], stop
-      ),
-    )
-    evaluator_path = os.path.join(folder, "evaluator.npz")
-    _stage(
-      folder,
-      "evaluator",
-      evaluator_path,
-      lambda: digits_eval.fit(seed, world).save(evaluator_path),
-    )
 
   def flux_stage():
     b = pretrain_data()
