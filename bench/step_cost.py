@@ -83,11 +83,11 @@ def parts(comps, state, batch, repeats):
 
   grads = jax.tree.map(jnp.ones_like, params)
   return {
-    "forward_s": median_time(lambda: fwd(params, x), repeats),
-    "vjp_s": median_time(lambda: vjp(params, x), repeats),
-    "reward_s": median_time(lambda: reward(x), repeats),
+    "forward_s": median_time(lambda: fwd(params, x), repeats, warmup=3),
+    "vjp_s": median_time(lambda: vjp(params, x), repeats, warmup=3),
+    "reward_s": median_time(lambda: reward(x), repeats, warmup=3),
     "update_s": median_time(
-      lambda: update(params, grads, state["opt_state"]), repeats
+      lambda: update(params, grads, state["opt_state"]), repeats, warmup=3
     ),
   }
 
@@ -97,7 +97,9 @@ def measure(world_dir, method, num_steps, hidden, batch, size, repeats):
   compiled, args, comps = compile_step(config, world_dir)
   state, _, batch_arr, _ = args
   temp = compiled.memory_analysis().temp_size_in_bytes
-  step_s = median_time(lambda: compiled(*args)[1], repeats)
+  # Three warm-up calls: the first configuration of a process otherwise
+  # times ~20% slow (thread pool and allocator still warming up).
+  step_s = median_time(lambda: compiled(*args)[1], repeats, warmup=3)
   record = dict(
     method=method,
     num_steps=num_steps,
