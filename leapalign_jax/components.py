@@ -134,11 +134,15 @@ class Components:
     """Every configured reward separately, ``{name: r_B}`` (evaluation)."""
     return self.reward.score_each(reward_params, images, ids)
 
+  def _once(self, key, make):
+    """``make()`` on the first call with ``key``, the same object after."""
+    if key not in self._jitted:
+      self._jitted[key] = make()
+    return self._jitted[key]
+
   def reward_each_fn(self):
     """``reward_each``, jitted once per Components."""
-    if "reward_each" not in self._jitted:
-      self._jitted["reward_each"] = jax.jit(self.reward_each)
-    return self._jitted["reward_each"]
+    return self._once("reward_each", lambda: jax.jit(self.reward_each))
 
   def log_parameter_overview(self, state) -> None:
     from clu import parameter_overview
@@ -182,10 +186,9 @@ class Components:
 
   def sample_fn(self, num_steps: int):
     """Jitted ``(params, frozen, batch, keys [B, 2]) -> images [B, H, W, 3]``."""
-    key = ("sample", num_steps)
-    if key not in self._jitted:
-      self._jitted[key] = self._make_sample_fn(num_steps)
-    return self._jitted[key]
+    return self._once(
+      ("sample", num_steps), lambda: self._make_sample_fn(num_steps)
+    )
 
   def _make_sample_fn(self, num_steps: int):
     from leapalign_jax.sample import make_sampler
