@@ -44,7 +44,12 @@ TORCH_EXTRA = ["torch==2.13.0"]
 
 TFDS_EXTRA = ["tensorflow-datasets>=4.9.10"]  # tfds: prompt sources
 
+# GPUs: jax's CUDA plugin and the CUDA/cuDNN wheels it names, matched to the
+# jax that constraints.txt pins (`pip install -c constraints.txt -e
+# ".[cuda13]"`). Images that ship a newer jax install with --no-deps instead.
 EXTRAS_REQUIRE = {
+  "cuda12": ["jax[cuda12]>=0.10.2"],
+  "cuda13": ["jax[cuda13]>=0.10.2"],
   "tfds": TFDS_EXTRA,
   "torch": TORCH_EXTRA,
   "convert": TORCH_EXTRA,

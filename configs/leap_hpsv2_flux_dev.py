@@ -27,12 +27,22 @@ v5p-32``; TPU compiler's plan per chip, compiled on a CPU host):
 
   v5p-32 (16 chips): peak 29.58 GiB of 95.74 (arguments 13.08, temps 24.55)
   v5p-64 (32 chips): peak 15.78 GiB of 95.74 (arguments 7.53, temps 12.42)
-  75.3 PFLOP per step (model FLOPs, analytical; 4.7 PFLOP per v5p-32 chip)
+  69.9 PFLOP per step (model FLOPs, analytical; 75.0 with rematerialisation;
+  4.4 PFLOP per v5p-32 chip). Compiled with flux.attention=xla (before
+  "auto", which now picks splash on TPU).
 
 ``:lora=1`` trains LoRA adapters (rank 64) over bf16 base weights instead
 (an 80 GB GPU's budget, checked on one v5p chip as a proxy: ``--topology
 v5p-2 --budget-gib 74.5 data.global_batch=4``: peak 47.49 GiB, arguments
 27.68, temps 28.02; the GPU compiler plans memory differently).
+
+Measured on one NVIDIA H200 (2026-12-04, jax 0.11.2, flax 0.12.10, cuDNN
+9.19; ``python bench/accelerator.py``, random weights, attention "auto" =
+cuDNN): ``:lora=1`` at 720², N = 25, one device, global batch 4: 8.75 s per
+step (2.19 s per image; 4.25 PFLOP of model FLOPs, 49% MFU), compiler-planned
+peak 39.9 GiB, compile 94 s; batch 1: 2.58 s, 31.5 GiB. With xla attention
+the batch-4 step took 14.65 s. A full fine-tune does not fit one GPU: shard
+it (mesh.shape) over several.
 """
 
 import ml_collections

@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "variant": "tiny",
         "dtype": "float32",
         "remat": "none",
+        "attention": "auto",
       }
     }
   )

@@ -32,7 +32,7 @@ def base() -> ml_collections.ConfigDict:
       "dtype": "bfloat16",  # compute
       "param_dtype": "float32",  # master weights
       "remat": "full",  # per-block: none | full | dots | names
-      "attention": "xla",  # xla | cudnn | splash
+      "attention": "auto",  # auto | xla | cudnn | splash (models/attention.py)
       "scan_layers": True,
     }
   )
@@ -64,6 +64,7 @@ def base() -> ml_collections.ConfigDict:
         "variant": "vit-h-14",  # OpenCLIP ViT-H-14 (abstract builds, aot)
         "dtype": "bfloat16",
         "remat": "full",
+        "attention": "auto",
       }
     }
   )

@@ -1,4 +1,4 @@
-"""Analytical model FLOPs of a training step (for ``aot`` and MFU).
+"""Analytical FLOPs of a training step (for ``aot`` and MFU).
 
 XLA's ``cost_analysis()`` counts a scanned layer stack once (and a loop with
 traced bounds not at all), so the step's FLOPs are counted here from the
@@ -8,9 +8,18 @@ optimizer are left out. Flux's forward at 720² with T5-512 (L = 2537) is
 about 37 TF per image (flux.md §11 item 15), the figure ``dit_forward``
 reproduces.
 
-A differentiated call costs its forward, a backward of twice that, and one
-more forward when rematerialised (``remat`` != "none"; "dots" / "names"
-recompute less, so this is an upper bound).
+Two counts (``StepFlops``):
+
+* **model FLOPs** (``total``; the MFU convention): every forward, plus for
+  each differentiated call its backward. A backward propagates the input
+  gradient through every layer (1x the layer matmuls) and attention (2x),
+  and computes weight gradients (another 1x) only for weights that train:
+  all of them for a full fine-tune, the adapters alone for LoRA (whose
+  frozen base needs no weight gradient). Frozen models (decoder, reward)
+  cost forward + input gradient.
+* **hardware FLOPs** (``hardware``): model FLOPs plus what rematerialisation
+  recomputes (one more forward of each checkpointed call; "dots" / "names"
+  recompute less, so this is an upper bound).
 """
 
 from __future__ import annotations
@@ -21,7 +30,20 @@ from typing import Any
 import ml_collections
 
 
-def dit_forward(c: Any, n_img: int, n_txt: int) -> float:
+@dataclasses.dataclass(frozen=True)
+class DitFlops:
+  """One Flux forward on one image, by kind of work."""
+
+  linear: float  # token-wise matmuls (blocks, embedders, final layer)
+  attention: float  # QK^T and PV
+  vec: float  # per-image: modulations, time/guidance/vector embedders
+
+  @property
+  def total(self) -> float:
+    return self.linear + self.attention + self.vec
+
+
+def dit_parts(c: Any, n_img: int, n_txt: int) -> DitFlops:
   """Forward FLOPs of one Flux call on one image (``FluxConfig`` ``c``)."""
   D, M = c.hidden_size, c.mlp_hidden
   per_stream = D * 3 * D + D * D + 2 * D * M  # qkv, proj, MLP (double)
@@ -35,7 +57,25 @@ def dit_forward(c: Any, n_img: int, n_txt: int) -> float:
   vec = 2 * (
     c.depth * 2 * 6 * D * D + c.depth_single_blocks * 3 * D * D + 2 * D * D
   ) + 2 * (3 * 256 * D + 3 * D * D)
-  return float(matmul + embed + attention + vec)
+  return DitFlops(float(matmul + embed), float(attention), float(vec))
+
+
+def dit_forward(c: Any, n_img: int, n_txt: int) -> float:
+  """Forward FLOPs of one Flux call on one image (``FluxConfig`` ``c``)."""
+  return dit_parts(c, n_img, n_txt).total
+
+
+def lora_forward(c: Any, n_img: int, n_txt: int, rank: int) -> float:
+  """Forward FLOPs of rank-``rank`` adapters on every block linear.
+
+  Counts the default targets (``models.lora.FLUX_TARGETS``: qkv, proj and
+  both MLP matmuls of every block), ``2 r (in + out)`` per token each.
+  """
+  D, M = c.hidden_size, c.mlp_hidden
+  per_stream = (D + 3 * D) + (D + D) + (D + M) + (M + D)
+  single = (D + 3 * D) + (D + M) + (D + D) + (M + D)
+  per_token = c.depth * 2 * per_stream + c.depth_single_blocks * single
+  return float(2 * rank * per_token * (n_img + n_txt))
 
 
 def _conv(k: int, c_in: int, c_out: int, pixels: int) -> int:
@@ -94,40 +134,67 @@ def clip_forward(c: Any) -> tuple[float, float]:
   return vision, text
 
 
-def dit_calls(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """``(forwards, differentiated)`` DiT calls per image of one step.
+@dataclasses.dataclass(frozen=True)
+class Calls:
+  """DiT calls per image of one step.
 
-  Upper bounds where the method stops early at a drawn step (ReFL,
-  DRTune): the rollout is counted in full.
+  Upper bounds where a method stops at a drawn step (ReFL, DRTune): the
+  rollout is counted in full.
   """
+
+  forwards: int  # every forward, the differentiated calls' included
+  grads: int  # differentiated calls (each adds a backward)
+  recompute: int  # forwards rematerialisation adds per differentiated call
+
+
+def dit_calls(config: ml_collections.ConfigDict) -> Calls:
+  """How many DiT calls one step of ``config.method`` makes per image."""
   T, m = config.sampling.num_steps, config.method
+  remat = int(config.flux.remat != "none")
   if m == "leapalign":
     n = config.leap.num_leaps
-    return T + (n if config.leap.grad_passes == "recompute" else 0), n
+    extra = n if config.leap.grad_passes == "recompute" else 0
+    return Calls(T + extra, n, remat)
   if m == "refl":
-    return T, 1
-  if m == "draft_k":
-    return T, config.draft.k
+    return Calls(T, 1, remat)
   if m == "draft_lv":
-    return T + config.draft.lv_n, 1 + config.draft.lv_n
+    return Calls(T + config.draft.lv_n, 1 + config.draft.lv_n, remat)
   if m == "drtune":
-    return T + config.drtune.k, config.drtune.k
-  if m == "full_bp":
-    return T, T
+    return Calls(T + config.drtune.k, config.drtune.k, remat)
+  # The differentiated chains checkpoint every sampling step as well: their
+  # backward reruns each step's forward, then each block's (remat).
+  if m == "draft_k":
+    return Calls(T, config.draft.k, 1 + remat)
+  if m == "full_backprop":
+    k = T
+    if config.full_bp.truncation == "random":  # its expected K
+      k = int(min(max(round(config.full_bp.mean_k), 1), T))
+    return Calls(T, k, 1 + remat)
   raise ValueError(f"no FLOP model for method {m!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepFlops:
-  """FLOPs of one training step over the global batch, by part."""
+  """FLOPs of one training step over the global batch, by part.
+
+  ``dit`` / ``vae`` / ``reward`` are model FLOPs; ``recompute`` is what
+  rematerialisation adds on top of them (module doc).
+  """
 
   dit: float
   vae: float
   reward: float
+  recompute: float = 0.0
 
   @property
   def total(self) -> float:
+    """Model FLOPs (the MFU numerator)."""
     return self.dit + self.vae + self.reward
+
+  @property
+  def hardware(self) -> float:
+    """Model FLOPs plus rematerialisation."""
+    return self.total + self.recompute
 
 
 def reward_forward(config: ml_collections.ConfigDict) -> list[tuple]:
@@ -152,30 +219,47 @@ def reward_forward(config: ml_collections.ConfigDict) -> list[tuple]:
   return out
 
 
+def dit_backward(parts: DitFlops, lora_fwd: float, lora: bool) -> float:
+  """Backward FLOPs of one differentiated DiT call (module doc)."""
+  grad_input = parts.linear + 2 * parts.attention + parts.vec
+  if lora:  # weight gradients for the adapters only
+    return grad_input + 2 * lora_fwd
+  return grad_input + parts.linear + parts.vec
+
+
 def train_step(
   config: ml_collections.ConfigDict,
   flux_cfg: Any,
   ae_cfg: Any,
   latent_hw: tuple[int, int],
 ) -> StepFlops:
-  """Model FLOPs of one step of ``config.method`` (see module doc).
+  """FLOPs of one step of ``config.method`` over the global batch.
 
   Args:
-    config: the run config (method, batch, remat, rewards with variants).
+    config: the run config (method, batch, remat, LoRA, rewards with
+      variants).
     flux_cfg, ae_cfg: the Flux and autoencoder configs.
     latent_hw: the latent's height and width (packed tokens: a quarter).
   """
   B = config.data.global_batch
   lh, lw = latent_hw
   n_img, n_txt = (lh // 2) * (lw // 2), config.text.t5_max_length
-  forwards, grads = dit_calls(config)
-  extra = 2 + (config.flux.remat != "none")
-  dit = B * dit_forward(flux_cfg, n_img, n_txt) * (forwards + extra * grads)
-  decodes = 1 + (config.draft.lv_n if config.method == "draft_lv" else 0)
-  vae_x = 3 + (config.vae.remat != "none")
-  vae = B * decodes * vae_x * vae_decode(ae_cfg, lh, lw)
-  reward = sum(
-    B * decodes * ((3 + (remat != "none")) * vision + text)
-    for vision, text, remat in reward_forward(config)
+  calls = dit_calls(config)
+  parts = dit_parts(flux_cfg, n_img, n_txt)
+  lora = bool(config.lora.enabled)
+  adapters = lora_forward(flux_cfg, n_img, n_txt, config.lora.rank) * lora
+  fwd = parts.total + adapters
+  dit = B * (
+    calls.forwards * fwd + calls.grads * dit_backward(parts, adapters, lora)
   )
-  return StepFlops(float(dit), float(vae), float(reward))
+  recompute = B * calls.grads * calls.recompute * fwd
+  decodes = 1 + (config.draft.lv_n if config.method == "draft_lv" else 0)
+  decode = vae_decode(ae_cfg, lh, lw)
+  # Frozen decoder and reward: forward + input gradient (about as much).
+  vae = B * decodes * 2 * decode
+  recompute += B * decodes * (config.vae.remat != "none") * decode
+  reward = 0.0
+  for vision, text, remat in reward_forward(config):
+    reward += B * decodes * (2 * vision + text)
+    recompute += B * decodes * (remat != "none") * vision
+  return StepFlops(float(dit), float(vae), float(reward), float(recompute))

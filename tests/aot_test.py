@@ -137,6 +137,7 @@ def test_paper_setting_fits_v5p_64(tmp_path):
   assert report["fits"] and report["devices"] == 32
   assert report["peak"] < report["hbm"]
   assert report["peak"] < 20 * 2**30  # 15.78 GiB measured: a regression
-  # 64 images x (25 forwards + 2 x 3 for the two differentiated calls) x
-  # ~37.3 TF per forward, plus decoder and reward.
-  assert 74e15 < report["flops"] < 77e15
+  # 64 images x (25 forwards + 2 backwards of ~2 forwards each) x ~37.3 TF
+  # per forward, plus decoder and reward (flops.py); remat adds 2 forwards.
+  assert 69e15 < report["flops"] < 71e15
+  assert 74e15 < report["flops_hardware"] < 76e15

@@ -111,6 +111,16 @@ def rel_err(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+# JAX vs the torch reference, fp32. The references build the timestep /
+# guidance frequencies with torch's float32 exp, which is not correctly
+# rounded everywhere: on AVX-512 CPUs 3 of the 128 frequencies come out one
+# ulp off the correctly rounded value ours uses, and a 1-ulp frequency at
+# argument 1000 t (3500 for guidance 3.5) moves the embedding by ~3e-5.
+# Measured: 1.9e-5 / 3.1e-5 (AVX-512), under 1e-5 (AVX2). A wrong layout or
+# block gives > 1e-2 (the swapped-modulation test below).
+TOL = 5e-5
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
   spec = CASES[request.param]
@@ -131,12 +141,12 @@ def case(request, tmp_path_factory):
 def test_diffusers_layout_matches_torch(case):
   config, model = load_flux(str(case["tmp"] / "transformer"))
   assert config.axes_dim == case["axes"]
-  assert rel_err(jax_forward(model, case["x"]), case["ref"]) <= 1e-5
+  assert rel_err(jax_forward(model, case["x"]), case["ref"]) <= TOL
 
 
 def test_pipeline_root_is_accepted(case):
   _, model = load_flux(str(case["tmp"]))  # root holding transformer/
-  assert rel_err(jax_forward(model, case["x"]), case["ref"]) <= 1e-5
+  assert rel_err(jax_forward(model, case["x"]), case["ref"]) <= TOL
 
 
 def diffusers_bfl_converter(hidden_size):
@@ -163,7 +173,7 @@ def test_bfl_layout_matches_torch_and_diffusers_converter(case):
   export_flux(model, bfl, layout="bfl")
   # Ours, read back from the BFL file.
   _, model_bfl = load_flux(bfl, config=config)
-  assert rel_err(jax_forward(model_bfl, case["x"]), case["ref"]) <= 1e-5
+  assert rel_err(jax_forward(model_bfl, case["x"]), case["ref"]) <= TOL
   # Independent check of our BFL table: diffusers' own BFL -> diffusers map.
   src = TensorSource.from_files([bfl])
   ckpt = {k: torch.from_numpy(np.array(src[k])) for k in src}
@@ -186,7 +196,7 @@ def test_prefixed_bfl_file(case, tmp_path):
     {f"model.diffusion_model.{k}": np.array(src[k]) for k in src}, prefixed
   )
   _, m2 = load_flux(prefixed, config=config)
-  assert rel_err(jax_forward(m2, case["x"]), case["ref"]) <= 1e-5
+  assert rel_err(jax_forward(m2, case["x"]), case["ref"]) <= TOL
 
 
 def test_scan_and_loop_agree(case):
@@ -203,7 +213,7 @@ def test_sharded_diffusers_folder(tmp_path):
   assert any(f.endswith(".index.json") for f in files)
   x = make_inputs(True)
   _, ours = load_flux(str(tmp_path / "t"))
-  assert rel_err(jax_forward(ours, x), torch_forward(model, x)) <= 1e-5
+  assert rel_err(jax_forward(ours, x), torch_forward(model, x)) <= TOL
 
 
 def test_final_layer_swap_is_needed(case):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from leapalign_jax.models.attention import attention
+from leapalign_jax.models import attention as attn_lib
 from leapalign_jax.models.layers import (
   ACT_BLD,
   Embed,
@@ -124,7 +124,7 @@ class CLIPConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots | names
   scan_layers: bool = True
-  attention: str = "xla"  # xla | cudnn | splash (vision; text is causal)
+  attention: str = "xla"  # auto | xla | cudnn | splash (text: causal)
 
   def __post_init__(self):
     if self.text is None and self.vision is None:
@@ -202,13 +202,12 @@ def causal_attention(
 ) -> jax.Array:
   """Causal softmax attention over ``[B, L, H, D]``; logits in float32.
 
-  ``impl="cudnn"`` uses cuDNN's fused causal kernel; anything else runs the
-  plain XLA version (text sequences are short: 77 tokens).
+  ``impl`` resolving to ``cudnn`` uses cuDNN's fused causal kernel (padded
+  like the bidirectional one); anything else runs the plain XLA version
+  (text sequences are short: 77 tokens).
   """
-  if impl == "cudnn":
-    return jax.nn.dot_product_attention(
-      q, k, v, is_causal=True, implementation="cudnn"
-    )
+  if attn_lib.resolve(impl, q.dtype) == "cudnn":
+    return attn_lib.cudnn_attention(q, k, v, is_causal=True)
   L = q.shape[1]
   logits = jnp.einsum(
     "bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32
@@ -245,7 +244,7 @@ class CLIPAttention(nnx.Module):
     if causal:
       out = causal_attention(q, k, v, impl=impl)
     else:
-      out = attention(q, k, v, impl=impl)
+      out = attn_lib.attention(q, k, v, impl=impl)
     return self.out_proj(checkpoint_name(out, "attn_out"))
 
 

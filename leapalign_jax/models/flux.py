@@ -57,7 +57,7 @@ class FluxConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots | names
   scan_layers: bool = True  # False: a Python loop over blocks (debugging)
-  attention: str = "xla"  # xla | cudnn | splash
+  attention: str = "xla"  # auto | xla | cudnn | splash
   round_timesteps: bool = False  # round t to `dtype` before x1000 (bit parity)
   zero_init: bool = True  # adaLN-Zero init of modulations and final layer
 

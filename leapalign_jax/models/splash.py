@@ -29,6 +29,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
   splash_attention_mask as sm,
 )
 
+from leapalign_jax.models import attention
+
 # Logical names of [B, H, L, D] inside the kernel.
 ACT_BHLD = ("activation_batch", "activation_heads", None, None)
 LONG_TILE = 512  # sequences longer than 1024 (the DiT's 2537 tokens)
@@ -81,13 +83,6 @@ def _kernel(heads: int, padded: int, tile: int, interpret: bool):
   )
 
 
-def _target_platform() -> str:
-  """The platform being compiled for (the mesh's, else the default)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else mesh.abstract_device
-  return device.platform if device is not None else jax.default_backend()
-
-
 def _local_attention(q_BHLD, k_BHLD, v_BHLD, length: int, interpret: bool):
   """Splash over padded ``[B, H, L_pad, D]`` (one shard); returns the same."""
   _, heads, padded, _ = q_BHLD.shape
@@ -122,7 +117,7 @@ def splash_attention(
     up to the kernel's (online-softmax) rounding.
   """
   if interpret is None:
-    interpret = _target_platform() != "tpu"
+    interpret = attention.target_platform() != "tpu"
   if not interpret:
     _check_precision(q.dtype)
   B, L, H, D = q.shape

@@ -37,7 +37,7 @@ _DEFAULTS = {
   "param_dtype": None,
   "remat": "none",
   "scan_layers": True,
-  "attention": "xla",
+  "attention": "auto",
   "hidden_act": "quick_gelu",
   "resample": "pil_bicubic",
   "crop": "round",  # torchvision CenterCrop, as in clip.load's transform

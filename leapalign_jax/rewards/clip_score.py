@@ -72,7 +72,7 @@ _COMMON = {
   "param_dtype": None,  # storage dtype; None: ``dtype``
   "remat": "none",  # per block: none | full | dots | names
   "scan_layers": True,
-  "attention": "xla",  # vision tower kernel: xla | cudnn | splash
+  "attention": "auto",  # auto | xla | cudnn | splash (models/attention.py)
   "hidden_act": None,  # None: from the checkpoint (see convert.clip)
   "resample": pp.PICKSCORE_RESAMPLE,
   "saturate": pp.PICKSCORE_SATURATE,
