@@ -120,7 +120,8 @@ def test_auto_resolution(monkeypatch):
     attention.resolve("flash", jnp.bfloat16)
 
 
-def test_flux_auto_equals_xla_on_cpu():
+def tiny_flux_outputs(impls) -> dict:
+  """The tiny Flux's output per attention ``impl``: same weights, inputs."""
   cfg = dataclasses.replace(flux.VARIANTS["tiny"], zero_init=False)
   B, n_img, n_txt = 1, 16, 7
   keys = jax.random.split(jax.random.key(2), 3)
@@ -134,12 +135,17 @@ def test_flux_auto_equals_xla_on_cpu():
     guidance=jnp.full((B,), 3.5),
   )
   out = {}
-  for impl in ("xla", "auto"):
+  for impl in impls:
     c = dataclasses.replace(cfg, attention=impl)
     graphdef, state = nnx.split(flux.Flux(c, rngs=nnx.Rngs(0)))
     out[impl] = jax.jit(lambda s, a, g=graphdef: nnx.merge(g, s)(**a))(
       state, args
     )
+  return out
+
+
+def test_flux_auto_equals_xla_on_cpu():
+  out = tiny_flux_outputs(("xla", "auto"))
   np.testing.assert_array_equal(out["auto"], out["xla"])
 
 

@@ -5,21 +5,14 @@ small); the real kernel is compiled by the TPU compiler for compile-only
 devices (libtpu, no TPU) and runs in the ``tpu`` test.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from attention_test import qkv, tiny_flux_outputs
 
 from leapalign_jax import sharding
-from leapalign_jax.models import attention, flux, splash
-
-
-def qkv(shape, dtype=jnp.float32, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 3)
-  return [jax.random.normal(k, shape, dtype) for k in keys]
+from leapalign_jax.models import attention, splash
 
 
 def test_padding_to_tiles():
@@ -120,26 +113,7 @@ def test_real_kernel_compiles_for_tpu_at_flux_length():
 
 @pytest.mark.slow
 def test_flux_switch_splash_equals_xla():
-  cfg = flux.VARIANTS["tiny"]
-  B, n_img, n_txt = 1, 16, 7
-  keys = jax.random.split(jax.random.key(2), 3)
-  args = dict(
-    img=jax.random.normal(keys[0], (B, n_img, cfg.in_channels)),
-    img_ids=jnp.zeros((B, n_img, 3)).at[..., 1].set(jnp.arange(n_img) // 4),
-    txt=jax.random.normal(keys[1], (B, n_txt, cfg.context_in_dim)),
-    txt_ids=jnp.zeros((B, n_txt, 3)),
-    timesteps=jnp.full((B,), 0.7),
-    y=jax.random.normal(keys[2], (B, cfg.vec_in_dim)),
-    guidance=jnp.full((B,), 3.5),
-  )
-  out = {}
-  for impl in ("xla", "splash"):
-    # Same seed, same weights; only the attention kernel differs.
-    c = dataclasses.replace(cfg, attention=impl, zero_init=False)
-    graphdef, state = nnx.split(flux.Flux(c, rngs=nnx.Rngs(0)))
-    out[impl] = jax.jit(lambda s, a, g=graphdef: nnx.merge(g, s)(**a))(
-      state, args
-    )
+  out = tiny_flux_outputs(("xla", "splash"))
   np.testing.assert_allclose(out["splash"], out["xla"], atol=5e-5, rtol=1e-4)
 
 
