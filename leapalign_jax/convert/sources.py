@@ -24,6 +24,7 @@ import numpy as np
 
 from leapalign_jax.convert.errors import ConversionError, name_some
 from leapalign_jax.convert.safetensors_io import TensorSource, open_folder
+from leapalign_jax.errors import require_local
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Keys under which training scripts nest the state dict in a pickle.
@@ -172,6 +173,7 @@ def open_weights(path: str, subfolders: Sequence[str] = ()) -> tuple[Any, dict]:
   Returns:
     ``(source, config)``: config is the folder's ``config.json`` or ``{}``.
   """
+  require_local(path)
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or folder")
   if not os.path.isdir(path):
