@@ -293,6 +293,22 @@ def embed(
   }
 
 
+def _is_process_0() -> bool:
+  import jax
+
+  return jax.process_index() == 0
+
+
+def _barrier() -> None:
+  """Multi-process runs: every process waits here for the others."""
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("embed_prompts done")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   parser = argparse.ArgumentParser(prog="python -m leapalign_jax.embed_prompts")
@@ -314,8 +330,13 @@ def main(argv: list[str] | None = None) -> int:
   counts = {}
 
   def run() -> None:
-    from leapalign_jax import staging
+    from leapalign_jax import distributed, staging
 
+    # On a multi-host TPU slice every worker must start JAX (the slice's
+    # chips start together); process 0 embeds, the others wait for it.
+    if distributed.initialize() and not _is_process_0():
+      _barrier()  # until process 0 has embedded
+      return
     config = staging.resolve_config(load_config(args.config, args.overrides))
     records = read_prompts(args.prompts)
     encoders = TextEncoders(config.text)
@@ -323,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     counts.update(embed(encoders, records, out, shard_size=args.shard_size))
     if "://" in args.out:  # the whole cache, then it counts as staged here
       staging.push(out, args.out)
+    _barrier()
 
   status = errors.run_command(run)
   if status or not counts:
