@@ -150,6 +150,7 @@ def load_torch_file(path: str) -> TorchSource:
 
 def open_file(path: str):
   """A ``.safetensors`` file or a PyTorch pickle as a tensor source."""
+  require_local(path)
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or folder")
   if path.endswith(TORCH_SUFFIXES):
