@@ -337,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.initialize() and not _is_process_0():
       _barrier()  # until process 0 has embedded
       return
-    config = staging.resolve_config(load_config(args.config, args.overrides))
+    # Only the text encoders: the config's caches may be what this makes.
+    config = staging.resolve_config(
+      load_config(args.config, args.overrides), ("text",)
+    )
     records = read_prompts(args.prompts)
     encoders = TextEncoders(config.text)
     out = staging.local_path(args.out) if "://" in args.out else args.out

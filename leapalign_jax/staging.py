@@ -113,14 +113,24 @@ def config_sources(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def resolve_config(
-  config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict, sections: tuple[str, ...] = ()
 ) -> ml_collections.ConfigDict:
   """A copy of ``config`` reading every ``://`` path from its staged copy.
+
+  Args:
+    config: a run's config.
+    sections: only these top-level sections (e.g. ``("text",)`` for
+      ``embed_prompts``, which runs before the caches it makes exist);
+      all when empty.
 
   Raises:
     UserError: a source is not staged on this host (one line).
   """
-  fields = [(k, v) for k, v in _string_fields(config) if "://" in v]
+  fields = [
+    (k, v)
+    for k, v in _string_fields(config)
+    if "://" in v and (not sections or k.split(".")[0] in sections)
+  ]
   if not fields:
     return config
   c = ml_collections.ConfigDict(config.to_dict())

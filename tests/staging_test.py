@@ -134,6 +134,9 @@ def test_unstaged_gs_paths_are_refused_with_the_staging_command(
   first = "config.data.eval_cache"  # the first gs:// field, by name
   assert message.startswith(f"{first}: {B}/cache_eval is not on this host's")
   assert f"python -m leapalign_jax.staging --src {B}/cache_eval" in message
+  # embed_prompts resolves the text encoders only (it makes the caches).
+  with pytest.raises(errors.UserError, match="^config.text.clip_path: "):
+    staging.resolve_config(configs_io.load_config(SPEC), ("text",))
   with pytest.raises(errors.UserError, match="leapalign_jax.staging"):
     load_flux(f"{B}/flux")
   from leapalign_jax import data
