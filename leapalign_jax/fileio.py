@@ -17,8 +17,9 @@ What an object store changes:
   the host and uploaded whole at each write (``metrics.Writer``);
 - a local emulator (``STORAGE_EMULATOR_HOST``, what the tests start) is used
   by gcsfs; tensorstore (orbax's array writer) is pointed at the same server
-  and gcsfs's gRPC bucket-type probe, which no emulator answers (it waits
-  60 s per bucket), is switched off.
+  (it also needs ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` set to any value, or it
+  looks for real credentials) and gcsfs's gRPC bucket-type probe, which no
+  emulator answers (it waits 60 s per bucket), is switched off.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ FLAGS = (
   "--config.train.ckpt_every_steps=1",
   "--config.train.keep_checkpoints=2",
   "--config.train.log_every_steps=3",
-  "--config.eval.num_prompts=2",
+  # Evaluation through gs:// is the evaluate command's test below.
+  "--config.eval.num_prompts=0",
 )
 
 
