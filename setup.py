@@ -35,6 +35,10 @@ INSTALL_REQUIRES = [
   "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
   "absl-py>=2.1",
   "scikit-learn>=1.5",  # the embedded digits world (load_digits)
+  # gs:// workdirs, weights and caches (fileio, staging; orbax's checkpoints
+  # reach GCS through etils.epath, which needs it without TensorFlow).
+  "fsspec>=2026.9.0",
+  "gcsfs>=2026.10.1",
 ]
 
 # torch is a parity reference and an optional converter input only; never
@@ -69,6 +73,8 @@ EXTRAS_REQUIRE = {
     "nbformat>=5.10",
     "ipykernel>=6.29",
     "matplotlib>=3.8",
+    # A local GCS server for the gs:// workdir and staging tests.
+    "gcp-storage-emulator>=2026.7.19",
   ],
 }
 

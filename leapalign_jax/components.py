@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from leapalign_jax import data, sampling, sharding
+from leapalign_jax import data, fileio, sampling, sharding, staging
 from leapalign_jax import step as step_lib
 from leapalign_jax.errors import UserError
 
@@ -70,6 +70,8 @@ def prepare_world(config: ml_collections.ConfigDict, workdir: str):
     raise ConfigError(
       f"unknown world {config.world!r}; use '', 'digits' or 'random'"
     )
+  # gs:// paths are read from this host's staged copies (staging.py).
+  config = staging.resolve_config(config)
   for field in ("flux.path", "vae.path", "data.train_cache"):
     section, key = field.split(".")
     path = config[section][key]
@@ -233,7 +235,7 @@ class Components:
     if jax.process_index() != 0:
       return None
     return images.save_grid(
-      imgs, os.path.join(workdir, "samples", f"step_{step:06d}.png")
+      imgs, fileio.join(workdir, "samples", f"step_{step:06d}.png")
     )
 
   def export(self, state, workdir: str) -> list[str]:
@@ -243,7 +245,7 @@ class Components:
     if not self.config.export.enabled:
       return []
     return export_lib.export_run(
-      self, state["ema"], os.path.join(workdir, "export")
+      self, state["ema"], fileio.join(workdir, "export")
     )
 
 

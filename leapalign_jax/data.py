@@ -29,7 +29,7 @@ from leapalign_jax.convert.safetensors_io import (
   save_file,
   write_json_atomic,
 )
-from leapalign_jax.errors import UserError
+from leapalign_jax.errors import UserError, require_local
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -133,6 +133,7 @@ class PromptCache:
   """Random access to a cache: ``cache[i]`` -> dict of numpy arrays."""
 
   def __init__(self, folder: str):
+    require_local(folder, "prompt cache")
     manifest = read_manifest(folder)
     if manifest is None:
       raise CacheError(

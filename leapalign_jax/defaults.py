@@ -109,6 +109,9 @@ def base() -> ml_collections.ConfigDict:
       "num_steps": 300,
       "log_every_steps": 1,
       "ckpt_every_steps": 25,
+      # Also checkpoint when this long has passed since the last save (0:
+      # off): a preemption then loses at most this much work.
+      "ckpt_every_secs": 1800.0,
       "keep_checkpoints": 3,
       "sample_every_steps": 50,  # fixed-seed EMA grids (0: off)
       "max_consecutive_nonfinite": 5,

@@ -95,8 +95,13 @@ def read_prompts(spec: str) -> list[dict[str, Any]]:
     records = _read_tfds(spec)
   else:
     try:
-      with open(spec, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+      if "://" in spec:  # a prompt file in a bucket: read once, whole
+        from leapalign_jax import fileio
+
+        lines = fileio.read_bytes(spec).decode("utf-8").splitlines()
+      else:
+        with open(spec, encoding="utf-8") as f:
+          lines = f.read().splitlines()
     except FileNotFoundError:
       raise PromptError(f"{spec}: no such prompt file") from None
     except IsADirectoryError:
@@ -288,6 +293,22 @@ def embed(
   }
 
 
+def _is_process_0() -> bool:
+  import jax
+
+  return jax.process_index() == 0
+
+
+def _barrier() -> None:
+  """Multi-process runs: every process waits here for the others."""
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("embed_prompts done")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   parser = argparse.ArgumentParser(prog="python -m leapalign_jax.embed_prompts")
@@ -295,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     "--prompts", required=True, help="file.txt|.jsonl|tfds:name/split"
   )
-  parser.add_argument("--out", required=True, help="cache folder")
+  parser.add_argument(
+    "--out",
+    required=True,
+    help="cache folder; a gs:// URL: embedded into the host's staging "
+    "folder (as leapalign_jax.stage would copy it), then uploaded",
+  )
   parser.add_argument("--shard-size", type=int, default=SHARD_SIZE)
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
@@ -304,12 +330,24 @@ def main(argv: list[str] | None = None) -> int:
   counts = {}
 
   def run() -> None:
-    config = load_config(args.config, args.overrides)
+    from leapalign_jax import distributed, staging
+
+    # On a multi-host TPU slice every worker must start JAX (the slice's
+    # chips start together); process 0 embeds, the others wait for it.
+    if distributed.initialize() and not _is_process_0():
+      _barrier()  # until process 0 has embedded
+      return
+    # Only the text encoders: the config's caches may be what this makes.
+    config = staging.resolve_config(
+      load_config(args.config, args.overrides), ("text",)
+    )
     records = read_prompts(args.prompts)
     encoders = TextEncoders(config.text)
-    counts.update(
-      embed(encoders, records, args.out, shard_size=args.shard_size)
-    )
+    out = staging.local_path(args.out) if "://" in args.out else args.out
+    counts.update(embed(encoders, records, out, shard_size=args.shard_size))
+    if "://" in args.out:  # the whole cache, then it counts as staged here
+      staging.push(out, args.out)
+    _barrier()
 
   status = errors.run_command(run)
   if status or not counts:

@@ -8,7 +8,8 @@
 - ``NonFiniteError``: training stopped after too many consecutive
   non-finite steps; the last good state is saved. One line, exit status 3.
 - SIGTERM outside the training loop (setup, export, evaluation):
-  ``exit_preempted``, status 0; the same command resumes.
+  ``exit_preempted``, status 0 (or ``$LEAPALIGN_EXIT_PREEMPTED``, see
+  ``preempted_status``); the same command resumes.
 
 Anything else is a bug and keeps its full traceback.
 """
@@ -45,6 +46,17 @@ def as_user_error(what: str, fn: Callable, *args):
     raise UserError(f"{what}: {e}") from None
 
 
+def preempted_status() -> int:
+  """The exit status of a preempted run: 0, or ``$LEAPALIGN_EXIT_PREEMPTED``.
+
+  A scheduler that must tell "stopped by a preemption, resume me" from
+  "finished" or "failed" sets the variable (``launch/slurm.sbatch`` sets
+  75, requeueing the job on that status only).
+  """
+  value = os.environ.get("LEAPALIGN_EXIT_PREEMPTED", "").strip()
+  return int(value) if value.isdigit() and int(value) < 256 else 0
+
+
 def exit_preempted() -> None:
   """Ends the process at once with status 0 (SIGTERM, nothing to save).
 
@@ -61,7 +73,20 @@ def exit_preempted() -> None:
   )
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(0)
+  os._exit(preempted_status())
+
+
+def require_local(path: object, what: str = "") -> None:
+  """Refuses a ``://`` path where a local file is memory-mapped.
+
+  Raises:
+    UserError: one line naming the staging command
+      (``leapalign_jax.staging``) that copies it to this host.
+  """
+  if "://" in str(path):
+    from leapalign_jax import staging
+
+    raise UserError(staging.not_staged_message(str(path), what))
 
 
 def one_line(message: object) -> str:

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from leapalign_jax import data, errors, images, sharding
-from leapalign_jax.utils import atomic_dir
+from leapalign_jax import data, errors, fileio, images, sharding
 
 
 def _keys(seed: int, pairs: list[tuple[int, int]]) -> np.ndarray:
@@ -116,7 +115,7 @@ def evaluate(comps, params, workdir: str, tag: str) -> dict[str, Any]:
     summary.update(scorer(imgs, records))
   if jax.process_index() == 0:
     _write(
-      os.path.join(workdir, "eval", tag),
+      fileio.join(workdir, "eval", tag),
       imgs,
       records,
       scores,
@@ -139,8 +138,12 @@ def world_scorers(config, workdir: str) -> list:
 
 
 def _write(folder, imgs, records, scores, indices, per, seed, summary, n_grid):
-  """Writes ``folder`` whole: built aside, then swapped in (never half)."""
-  with atomic_dir(folder, replace=True) as tmp:
+  """Writes ``folder`` whole: built aside, then swapped in (never half).
+
+  On ``gs://`` the folder is uploaded with ``eval.json`` last: a folder
+  holding it is complete (``fileio.publish_dir``).
+  """
+  with fileio.publish_dir(folder, last="eval.json") as tmp:
     _write_files(
       tmp, imgs, records, scores, indices, per, seed, summary, n_grid
     )
@@ -190,23 +193,22 @@ def after_training(config, workdir: str, comps, state) -> dict[str, Any]:
   if not config.eval.num_prompts:
     return {"before": None, "after": None, "grid": None}
   before = None
-  before_path = os.path.join(workdir, "eval", "before", "eval.json")
+  before_path = fileio.join(workdir, "eval", "before", "eval.json")
   if config.eval.before:
-    if os.path.exists(before_path):
-      with open(before_path) as f:
-        before = json.load(f)
+    if fileio.exists(before_path):
+      before = json.loads(fileio.read_text(before_path))
     else:
       before = evaluate(comps, comps.params, workdir, "before")
   after = evaluate(comps, state["ema"], workdir, "after")
   text = table(before, after)
-  grid = os.path.join(workdir, "eval", "after", "grid.png")
+  grid = fileio.join(workdir, "eval", "after", "grid.png")
   if jax.process_index() == 0:
     print(text)
     print(f"image grid: {grid}")
-    path = os.path.join(workdir, "eval", "summary.md")
-    with open(path + ".tmp", "w") as f:
-      f.write(text + f"\n\nimage grid: {grid}\n")
-    os.replace(path + ".tmp", path)
+    fileio.write_text(
+      fileio.join(workdir, "eval", "summary.md"),
+      text + f"\n\nimage grid: {grid}\n",
+    )
   return {"before": before, "after": after, "grid": grid}
 
 
@@ -227,8 +229,8 @@ def _evaluate_workdir(args) -> None:
   from leapalign_jax import step as step_lib
 
   config = configs_io.load_config(args.config, args.overrides)
-  ckpt_dir = os.path.join(args.workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = fileio.join(args.workdir, "checkpoints")
+  if not fileio.isdir(ckpt_dir):
     raise errors.UserError(
       f"{args.workdir}: no checkpoints folder; pass a training --workdir"
     )

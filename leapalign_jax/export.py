@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from leapalign_jax import fileio
 from leapalign_jax.convert import export_flux
 from leapalign_jax.convert import lora as lora_convert
 from leapalign_jax.convert.safetensors_io import read_header, write_json_atomic
-from leapalign_jax.utils import atomic_dir
 
 BFL_FILE = "flux1-leapalign.safetensors"
 LORA_INFO = "lora_info.json"
@@ -63,9 +63,10 @@ def gather_to_host(tree: Any, *, dtype: Any = None, keep: bool = True) -> Any:
 def export_run(comps, ema_params: Any, folder: str) -> list[str]:
   """Writes a run's EMA weights under ``folder``; returns the paths written.
 
-  The folder is built aside and swapped in whole (``atomic_dir``): a run
-  killed while exporting leaves the previous export, or none, never half of
-  one; the resumed run exports again.
+  The folder is built aside and swapped in whole (``fileio.publish_dir``:
+  a rename locally; on ``gs://`` an upload of a folder built on the host):
+  a run killed while exporting leaves the previous export, or none, never
+  half of one locally; the resumed run exports again.
 
   Args:
     comps: the run's ``Components`` (``config``, ``graphdef``, ``frozen``,
@@ -89,9 +90,9 @@ def export_run(comps, ema_params: Any, folder: str) -> list[str]:
       frozen = gather_to_host(frozen, dtype=cfg.dtype, keep=writer)
   if not writer:
     return []
-  with atomic_dir(folder, replace=True) as tmp:
+  with fileio.publish_dir(folder) as tmp:
     written = _write(comps, params, frozen, tmp)
-  written = [os.path.join(folder, os.path.relpath(p, tmp)) for p in written]
+  written = [fileio.join(folder, os.path.relpath(p, tmp)) for p in written]
   _LOG.info("exported %s", ", ".join(written))
   return written
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -35,10 +36,20 @@ def grid(
 
 
 def save_png(image_HWC: np.ndarray, path: str, scale: int = 1) -> str:
-  """Writes a uint8 image atomically; ``scale`` upsamples (nearest) tiny ones."""
+  """Writes a uint8 image atomically; ``scale`` upsamples (nearest) tiny ones.
+
+  ``path`` may be a ``gs://`` URL (one object write, see ``fileio``).
+  """
   img = Image.fromarray(np.asarray(image_HWC, np.uint8))
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  if "://" in path:
+    from leapalign_jax import fileio
+
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    fileio.write_bytes(path, buffer.getvalue())
+    return path
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)

@@ -6,19 +6,17 @@ misspelled key is an error. On a TPU pod or a multi-node GPU job JAX's
 distributed runtime is initialised before anything else touches a device.
 
 Exit status: 0 when the run finished or was preempted (SIGTERM: checkpoint,
-then exit; the same command resumes), 2 for bad input (flags, config, files:
+then exit; the same command resumes; ``LEAPALIGN_EXIT_PREEMPTED=N`` makes a
+preempted run exit with N instead), 2 for bad input (flags, config, files:
 one ``error:`` line, no traceback), 3 when training stopped on non-finite
 steps (one line saying what to do). Anything else is a bug: a traceback.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import sys
-from collections.abc import Mapping
-from typing import Any
 
 from leapalign_jax import errors
 
@@ -45,64 +43,6 @@ flags.DEFINE_string(
   "workdir", None, "Where checkpoints, metrics and images go."
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (jax._src.hardware_utils)
-
-
-def _tpu_vm() -> bool:
-  """True on a Cloud TPU VM (TPU chips on the PCI bus, as JAX checks)."""
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    try:
-      with open(vendor) as f:
-        if f.read().strip() == _GOOGLE_PCI_VENDOR:
-          return True
-    except OSError:
-      continue
-  return False
-
-
-def distributed_kwargs(
-  env: Mapping[str, str], on_tpu_vm: bool = False
-) -> dict[str, Any] | None:
-  """Arguments for ``jax.distributed.initialize``, or None (one process).
-
-  - ``LEAPALIGN_DISTRIBUTED=0|1`` forces the decision (auto-detection).
-  - ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``
-    (what ``launch/slurm.sbatch`` exports: one process per node driving all
-    its GPUs) are passed explicitly with cluster detection off. JAX does not
-    read the last two itself, and its SLURM auto-detection would give each
-    process only GPU ``SLURM_LOCALID`` (its one-process-per-GPU layout).
-  - Otherwise JAX auto-detects: a coordinator address alone, a multi-task
-    SLURM step (one process per GPU), GKE / multi-slice TPU environment
-    variables, and every Cloud TPU VM (``launch/tpu.sh`` sets nothing; JAX
-    reads the worker list from the metadata server, and one host is a
-    one-process job).
-  """
-  forced = env.get("LEAPALIGN_DISTRIBUTED", "")
-  if forced == "0":
-    return None
-  coordinator = env.get("JAX_COORDINATOR_ADDRESS", "")
-  num, pid = env.get("JAX_NUM_PROCESSES", ""), env.get("JAX_PROCESS_ID", "")
-  if coordinator and num and pid:
-    if int(num) <= 1 and forced != "1":
-      return None
-    return {
-      "coordinator_address": coordinator,
-      "num_processes": int(num),
-      "process_id": int(pid),
-      "cluster_detection_method": "deactivate",
-    }
-  hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
-  if (
-    forced == "1"
-    or coordinator
-    or int(env.get("SLURM_NTASKS", "1")) > 1
-    or len([h for h in (hosts or "").split(",") if h]) > 1
-    or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1
-    or on_tpu_vm
-  ):
-    return {}
-  return None
 
 
 def _setup_logging() -> None:
@@ -174,7 +114,10 @@ def main(argv):
   """Initialises JAX (distributed when needed) and runs the training."""
   del argv
   signal.signal(signal.SIGTERM, _sigterm_before_training)
-  status = errors.run_command(_main)
+  outcome = {}
+  status = errors.run_command(lambda: outcome.update(_main() or {}))
+  if not status and outcome.get("preempted"):
+    status = errors.preempted_status()
   if status:
     # Straight out: library threads (orbax, tensorstore) left mid-way by the
     # error would print shutdown noise under the one-line report.
@@ -183,13 +126,14 @@ def main(argv):
     os._exit(status)
 
 
-def _main() -> None:
+def _main() -> dict:
   _setup_logging()
   import jax
 
-  kwargs = distributed_kwargs(os.environ, _tpu_vm())
-  if kwargs is not None:
-    jax.distributed.initialize(**kwargs)
+  from leapalign_jax import distributed
+
+  # Puts _sigterm_before_training back over the handler JAX installs.
+  distributed.initialize()
   import logging as std_logging
 
   from leapalign_jax import train
@@ -201,7 +145,7 @@ def _main() -> None:
     jax.local_device_count(),
     jax.device_count(),
   )
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  return train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

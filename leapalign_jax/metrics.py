@@ -6,6 +6,11 @@ so an interrupted and resumed run has exactly the lines of an uninterrupted
 one (no gaps, no repeats). The training loop calls ``flush`` before each
 checkpoint, so every line and TensorBoard event up to a checkpoint is on disk
 before it.
+
+On an object store (a ``gs://`` workdir) nothing can be appended: the lines
+are kept on the host and ``metrics.jsonl`` is uploaded whole at each logged
+step, and the TensorBoard event file is written on the host's disk and
+uploaded whole with it (``fileio``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
+
+from leapalign_jax import fileio
 
 JSONL = "metrics.jsonl"
 
@@ -35,29 +44,35 @@ def _py(v: Any) -> Any:
   return f if math.isfinite(f) else str(f)
 
 
-def truncate_jsonl(path: str, last_step: int) -> None:
-  """Drops lines whose ``step`` is greater than ``last_step`` (atomically)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+def _kept_lines(text: str, last_step: int) -> list[str]:
+  """The lines of ``text`` up to ``last_step`` (a torn last line dropped)."""
   kept = []
-  for line in lines:
+  for line in text.splitlines(keepends=True):
     try:
       if json.loads(line)["step"] <= last_step:
-        kept.append(line)
+        kept.append(line if line.endswith("\n") else line + "\n")
     except (ValueError, KeyError):
       break  # a torn last line from a killed process
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  return kept
+
+
+def truncate_jsonl(path: str, last_step: int) -> list[str]:
+  """Drops lines whose ``step`` is greater than ``last_step`` (atomically).
+
+  Returns:
+    The lines kept.
+  """
+  if not fileio.exists(path):
+    return []
+  kept = _kept_lines(fileio.read_text(path), last_step)
+  fileio.write_text(path, "".join(kept))
+  return kept
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """All records of a JSON-lines file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """All records of a JSON-lines file (local or ``gs://``)."""
+  text = fileio.read_text(path)
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class _EventFile:
@@ -74,7 +89,11 @@ class _EventFile:
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto import event_pb2
 
+    self._remote = logdir if fileio.is_remote(logdir) else None
+    if self._remote:  # written here, uploaded whole by flush()
+      logdir = tempfile.mkdtemp(prefix="leapalign-tensorboard-")
     os.makedirs(logdir, exist_ok=True)
+    self._local_dir = logdir
     self._pb = event_pb2
     # TensorBoard reads files in name order and tensorboardX names them by
     # the second: a nanosecond suffix keeps restarts in order even within
@@ -104,9 +123,15 @@ class _EventFile:
 
   def flush(self) -> None:
     self._writer.flush()  # also fsyncs
+    if self._remote:
+      path = self._writer._file_name  # tensorboardX names the file
+      fileio.upload(path, fileio.join(self._remote, os.path.basename(path)))
 
   def close(self) -> None:
+    self.flush()
     self._writer.close()
+    if self._remote:
+      shutil.rmtree(self._local_dir, ignore_errors=True)
 
 
 class Writer:
@@ -116,22 +141,23 @@ class Writer:
     self, workdir: str, resume_step: int = 0, tensorboard: bool = True
   ):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, JSONL)
+    self.path = fileio.join(workdir, JSONL)
     self._tb = None
+    self._file = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    truncate_jsonl(self.path, resume_step)
-    self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+    fileio.makedirs(workdir)
+    self._lines = truncate_jsonl(self.path, resume_step)
+    if not fileio.is_remote(self.path):
+      self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
     if tensorboard:
-      self._tb = _EventFile(os.path.join(workdir, "tensorboard"), resume_step)
+      self._tb = _EventFile(fileio.join(workdir, "tensorboard"), resume_step)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _py(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(record, sort_keys=True) + "\n")
-    self._file.flush()
+    line = json.dumps(record, sort_keys=True) + "\n"
     if self._tb is not None:
       for k, v in record.items():
         if (
@@ -140,13 +166,22 @@ class Writer:
           and not isinstance(v, bool)
         ):
           self._tb.scalar(k, v, step)
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:  # an object store: the whole file, and the events, each time
+      self._lines.append(line)
+      self.flush()
 
   def flush(self) -> None:
     """Pushes buffered lines and TensorBoard events to the files."""
     if not self.enabled:
       return
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    if self._file is not None:
+      self._file.flush()
+      os.fsync(self._file.fileno())
+    else:
+      fileio.write_text(self.path, "".join(self._lines))
     if self._tb is not None:
       self._tb.flush()
 
@@ -157,7 +192,10 @@ class Writer:
   def close(self) -> None:
     if not self.enabled:
       return
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
+    else:
+      self.flush()
     if self._tb is not None:
       self._tb.close()
 

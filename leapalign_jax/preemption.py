@@ -17,6 +17,10 @@ installs a handler for the whole run with two modes:
 
 On several hosts the flag is combined across processes at each boundary, so
 every host stops after the same step (the checkpoint is a collective).
+
+The exit status after a preemption is 0, or ``$LEAPALIGN_EXIT_PREEMPTED``
+when set (``launch/slurm.sbatch`` sets it, to requeue a job only when the
+program stopped for a preemption; see ``errors.preempted_status``).
 """
 
 from __future__ import annotations
@@ -68,14 +72,24 @@ class Preemption:
     finally:
       self._deferred = False
 
-  def stop_now(self) -> bool:
-    """Whether to stop at this step boundary (any host asked)."""
-    flag = self.requested
+  def at_boundary(self, save_due: bool = False) -> tuple[bool, bool]:
+    """``(stop, save)`` at this step boundary, the same on every host.
+
+    ``stop``: any host received SIGTERM. ``save``: any host's time-based
+    checkpoint is due (``save_due``); a checkpoint is a collective, so every
+    host must decide alike. One ``process_allgather`` carries both.
+    """
+    flags = np.array([self.requested, save_due], np.int32)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
-      flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-    if flag and not self.requested:
+      flags = np.any(multihost_utils.process_allgather(flags), axis=0)
+    stop, save = bool(flags[0]), bool(flags[1])
+    if stop and not self.requested:
       _LOG.warning("another host received SIGTERM: stopping here too")
       self.requested = True
-    return flag
+    return stop, save
+
+  def stop_now(self) -> bool:
+    """Whether to stop at this step boundary (any host asked)."""
+    return self.at_boundary()[0]

@@ -105,6 +105,10 @@ def run(args) -> list[str]:
     from leapalign_jax import components
 
     config = components.prepare_world(config, args.checkpoint)
+  else:
+    from leapalign_jax import staging
+
+    config = staging.resolve_config(config)
   seeds = args.seed or [0]
   pairs = [(p, i, s) for i, p in enumerate(args.prompt) for s in seeds]
   text = embed_prompts.TextEncoders(config.text)(list(args.prompt))
@@ -164,9 +168,11 @@ def _ema_from_checkpoint(config, workdir: str, params):
       "--checkpoint with a LoRA run: sample from its export instead "
       "(export/pytorch_lora_weights.safetensors) or use evaluate"
     )
-  folder = os.path.join(workdir, "checkpoints")
+  from leapalign_jax import fileio
+
+  folder = fileio.join(workdir, "checkpoints")
   restored = None
-  if os.path.isdir(folder):
+  if fileio.isdir(folder):
     tx = step_lib.make_optimizer(config.optim)
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), params)
     restored = checkpoint.restore_latest(

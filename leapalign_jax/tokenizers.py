@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import transformers
 
+from leapalign_jax.errors import require_local
+
 _LOG = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77
@@ -87,6 +89,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str]]]:
 
 def _resolve(path: str | os.PathLike, subfolder: str) -> pathlib.Path:
   """Returns `path/subfolder` for a snapshot root, else `path` itself."""
+  require_local(path, "tokenizer")
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"Tokenizer folder not found: {path}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -30,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from leapalign_jax import checkpoint as ckpt_lib
-from leapalign_jax import errors, sharding, utils
+from leapalign_jax import errors, fileio, sharding, utils
 from leapalign_jax import metrics as metrics_lib
 from leapalign_jax import step as step_lib
 from leapalign_jax.preemption import Preemption
@@ -48,6 +47,7 @@ RESUMABLE_FIELDS = (
   "train.overwrite",
   "train.log_every_steps",
   "train.ckpt_every_steps",
+  "train.ckpt_every_secs",
   "train.sample_every_steps",
   "train.keep_checkpoints",
   "train.max_consecutive_nonfinite",
@@ -86,11 +86,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
     True when the workdir holds another config's run and
     ``train.overwrite`` allows replacing it.
   """
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
+  path = fileio.join(workdir, "config.json")
+  if fileio.exists(path):
     try:
-      with open(path) as f:
-        old = json.load(f)
+      old = json.loads(fileio.read_text(path))
     except ValueError:
       raise UserError(
         f"{path} is not valid JSON (edited by hand?); restore it, or move "
@@ -140,14 +139,14 @@ def write_config(
       "samples",
       "config.json",
     ):
-      p = os.path.join(workdir, name)
-      if os.path.exists(p):
-        os.replace(p, f"{p}.old-{stamp}")
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+      p = fileio.join(workdir, name)
+      if fileio.exists(p):
+        fileio.move(p, f"{p}.old-{stamp}")
+  fileio.makedirs(workdir)
+  fileio.write_text(
+    fileio.join(workdir, "config.json"),
+    config.to_json_best_effort(indent=2, sort_keys=True),
+  )
 
 
 def host_choice(
@@ -212,6 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   from leapalign_jax import components, evaluate, methods
 
+  started = time.monotonic()
+
   move_aside = check_workdir(config, workdir)
   given = config  # config.json records the config as given
   config = components.prepare_world(config, workdir)
@@ -234,7 +235,7 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   tx = step_lib.make_optimizer(config.optim)
   state = comps.init_state(tx)
   checkpointer = ckpt_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
+    fileio.join(workdir, "checkpoints"),
     config.train.keep_checkpoints,
     cleanup_tmp=True,
   )
@@ -263,7 +264,10 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   # resumed run averages the same steps into its next line.
   window = metrics_lib.window_from_json(meta.pop("window", []))
 
+  last_save = [time.monotonic()]
+
   def save(step_now):
+    last_save[0] = time.monotonic()
     if checkpointer.latest_step() == step_now:
       return
     # Metric lines up to ``step_now`` are on disk before the checkpoint.
@@ -279,6 +283,13 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
       },
     )
 
+  every_s = config.train.get("ckpt_every_secs", 0) or 0
+  if start >= num_steps:
+    _LOG.info(
+      "progress: the run is complete (step %d of %d); export and evaluation",
+      start,
+      num_steps,
+    )
   with preempt.deferred():
     while step < num_steps:
       choice = host_choice(config, method, step, comps.sigmas)
@@ -315,12 +326,26 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
         writer.write(step, metrics_lib.summarize(window))
         window.clear()
       progress.update(step, record)
+      if step == start + 1:
+        # Every process: what launch/worker.sh waits for before "started".
+        _LOG.info(
+          "progress: step %d of %d done (the first of this start, %.0f s "
+          "after it)",
+          step,
+          num_steps,
+          time.monotonic() - started,
+        )
       if meta["nonfinite_run"] >= config.train.max_consecutive_nonfinite:
         stopped_early = _nonfinite_message(config, meta, step, record, workdir)
         break
-      if preempt.stop_now():
+      # Time-based checkpoints bound the work a preemption with no warning
+      # (or a Spot VM's ~30 s one, too short for a save) can lose.
+      stop, due = preempt.at_boundary(
+        every_s > 0 and time.monotonic() - last_save[0] >= every_s
+      )
+      if stop:
         break
-      if step % config.train.ckpt_every_steps == 0 or step == num_steps:
+      if due or step % config.train.ckpt_every_steps == 0 or step == num_steps:
         save(step)
       if (
         config.train.sample_every_steps

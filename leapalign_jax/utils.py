@@ -59,12 +59,13 @@ def atomic_dir(path: str, replace: bool = False) -> Iterator[str]:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
-  """Holds an exclusive lock on ``workdir`` (process 0, local paths).
+  """Holds an exclusive lock on ``workdir`` (process 0).
 
   Two runs writing one workdir would interleave checkpoints and metrics
   lines. The lock is an ``flock`` on ``workdir/.lock``: the kernel releases
   it when the process dies, even by SIGKILL, so a crashed run never leaves a
-  stale lock behind.
+  stale lock behind. A ``gs://`` workdir gets a lease object instead
+  (``remote_lock``).
 
   A workdir this call created is removed again when the run fails before
   writing anything into it (bad input leaves no trace).
@@ -73,8 +74,14 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     UserError: another live process holds the lock, or the workdir cannot
       be created or written.
   """
-  if "://" in workdir or jax.process_index() != 0:
+  if jax.process_index() != 0:
     yield
+    return
+  if "://" in workdir:
+    from leapalign_jax import remote_lock
+
+    with remote_lock.hold(workdir):
+      yield
     return
   import fcntl
 

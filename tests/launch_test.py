@@ -12,7 +12,9 @@ import pathlib
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -30,43 +32,72 @@ NAME_ZONE = ["--name", "my-tpu", "--zone", "us-east5-a"]
 
 _STUBS = {
   # Records each call's argv (NUL-separated) in calls/<n>; keeps scp'd files.
+  # A describe prints the next of $STUB_STATES (one per call, the last
+  # repeated): what tpu.sh resume and create --wait read.
   "gcloud": r"""#!/bin/bash
 mkdir -p "$STUB_DIR/calls"
 n=$(find "$STUB_DIR/calls" -type f | wc -l)
 printf '%s\0' "$@" > "$STUB_DIR/calls/$(printf '%03d' "$n")"
 if [[ "$3 $4" == "tpu-vm scp" ]]; then cp "$5" "$STUB_DIR/scp.tgz"; fi
+if [[ " $* " == *" describe "* ]]; then
+  read -r -a states <<<"${STUB_STATES:-ACTIVE}"
+  k=$(cat "$STUB_DIR/describes" 2>/dev/null || echo 0)
+  echo $((k + 1)) > "$STUB_DIR/describes"
+  ((k < ${#states[@]})) || k=$((${#states[@]} - 1))
+  echo "${states[$k]}"
+fi
 """,
   "scontrol": r"""#!/bin/bash
 echo "$*" >> "$STUB_DIR/scontrol.log"
 if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu001\ngpu002\n'; fi
 """,
-  # Signals the task the srun stub started (what SLURM does to the steps).
+  # Signals every process of the task the srun stub started, as SLURM
+  # signals every process of a job step.
   "scancel": r"""#!/bin/bash
 echo "$*" >> "$STUB_DIR/scancel.log"
-kill -TERM "$(cat "$STUB_DIR/task.pid")"
+kill -TERM -- "-$(cat "$STUB_DIR/task.pid")"
 """,
-  # Runs the task once as SLURM_PROCID=0, output to --output (%n -> 0).
+  # Runs the task once as SLURM_PROCID=0 in a process group of its own,
+  # output to --output (%n -> 0); exits with its status, as srun does.
   "srun": r"""#!/bin/bash
 out=/dev/null
 while [[ $# -gt 0 && "$1" == --* ]]; do
   case "$1" in --output=*) out="${1#--output=}"; out="${out//%n/0}" ;; esac
   shift
 done
-SLURM_PROCID=0 "$@" >> "$out" 2>&1 &
+SLURM_PROCID=0 setsid "$@" >> "$out" 2>&1 &
 echo $! > "$STUB_DIR/task.pid"
 wait $!
 """,
 }
 
-# Stands in for the venv's python: prints its arguments and JAX env, writes a
-# "checkpoint" and exits 0 on SIGTERM, or finishes after FAKE_STEPS steps.
+# Stands in for the venv's python (the real one runs leapalign_jax.staging,
+# which copies logs): prints its arguments and JAX env, then
+# the program's first progress line after FAKE_FIRST_STEP steps; on SIGTERM
+# writes a "checkpoint" and exits with $FAKE_TERM_STATUS, else the
+# preempted status (LEAPALIGN_EXIT_PREEMPTED, or 0); finishes after
+# FAKE_STEPS steps. FAKE_ERROR=1: one error line, exit 2, as on bad input.
 _FAKE_PYTHON = r"""#!/bin/bash
+if [[ "$1 $2" == "-m leapalign_jax.staging" ]]; then  # the real one
+  exec "$REAL_PYTHON" "$@"
+fi
 echo "args: $*"
 echo "coordinator=${JAX_COORDINATOR_ADDRESS-} processes=${JAX_NUM_PROCESSES-} id=${JAX_PROCESS_ID-}"
-trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
+echo "stage=${LEAPALIGN_STAGE_DIR-}"
+if [[ "${FAKE_ERROR:-0}" == 1 ]]; then
+  echo "error: config.flux.path is empty; point it at your checkpoint/cache" >&2
+  exit 2
+fi
+trap 'echo "SIGTERM: checkpoint saved"; exit "${FAKE_TERM_STATUS:-${LEAPALIGN_EXIT_PREEMPTED:-0}}"' TERM
 touch "${STUB_DIR:-/nonexistent}/started" 2>/dev/null || true
 n=0
-while ((n < ${FAKE_STEPS:-600})); do sleep 0.05 & wait $!; n=$((n + 1)); done
+while ((n < ${FAKE_STEPS:-600})); do
+  sleep 0.05 & wait $!
+  n=$((n + 1))
+  if ((n == ${FAKE_FIRST_STEP:-1})); then
+    echo "[leapalign] progress: step 1 of 9 done (the first of this start, 3 s after it)" >&2
+  fi
+done
 echo "training finished"
 """
 
@@ -92,6 +123,8 @@ def stub_env(tmp_path):
     "LANG": "C.UTF-8",
     "STUB_DIR": str(tmp_path),
     "TMPDIR": str(tmp_path),
+    "REAL_PYTHON": sys.executable,
+    "PYTHONPATH": str(REPO),
   }
   # A failed test may leave a fake training process behind: end it, checking
   # its command line first so that a recycled pid is left alone.
@@ -323,6 +356,12 @@ def test_tpu_run_starts_the_training_command_on_all_workers(stub_env):
     "leapalign_venv",
     "--log-dir",
     "leapalign_logs",
+    "--stage-dir",
+    "leapalign_stage",
+    "--wait-progress",
+    "3600",
+    "--copy-log-to",
+    "gs://my-bucket/runs/r1/logs",
     "--env",
     "LIBTPU_INIT_ARGS=--xla_tpu_x=true",
   ]
@@ -419,8 +458,22 @@ def test_tpu_zone_project_name_from_environment(stub_env):
     (["create", *NAME_ZONE, "--vm", "--best-effort"], "needs a queued"),
     (
       ["create", *NAME_ZONE, "--accelerator", "tpu7x-8"],
-      "no default --runtime",
+      "TPU7x (Ironwood) is not supported",
     ),
+    (
+      ["run", *NAME_ZONE, "--accelerator", "tpu7x-4", "--config", "c.py"],
+      "TPU7x (Ironwood) is not supported",
+    ),
+    (["create", *NAME_ZONE, "--num-slices", "2", "--vm"], "needs a queued"),
+    (["create", *NAME_ZONE, "--num-slices", "0"], "positive integer"),
+    (["stage", *NAME_ZONE], "stage needs --config"),
+    (["stage", *NAME_ZONE, "--src", "/local/x"], "--src must be gs://"),
+    (["embed", *NAME_ZONE, "--config", "c.py"], "embed needs --prompts"),
+    (
+      ["embed", *NAME_ZONE, "--config", "c.py", "--prompts", "p.txt"],
+      "--out gs://",
+    ),
+    (["resume", *NAME_ZONE, "--workdir", "gs://b/r"], "resume needs --config"),
     (["create", *NAME_ZONE, "--frob"], "unknown option '--frob'"),
     (["create", *NAME_ZONE, "--zone"], "--zone needs a value"),
     (
@@ -429,6 +482,7 @@ def test_tpu_zone_project_name_from_environment(stub_env):
     ),
     (["run", *NAME_ZONE, "--config.lr"], "--config.key=value"),
     (["create", *NAME_ZONE, "--config.lr=1"], "only apply to 'run'"),
+    (["stage", *NAME_ZONE, "--env", "A=1"], "only apply to 'run'"),
     (["run", *NAME_ZONE, "--env", "1BAD"], "KEY=VALUE"),
     (["setup", *NAME_ZONE, "--remote-dir", "."], "--remote-dir must be"),
     (["setup", *NAME_ZONE, "--remote-dir", "/opt/x"], "--remote-dir must be"),
@@ -440,6 +494,156 @@ def test_tpu_bad_input(stub_env, args, fragment):
   r = _run(TPU, [*args, "--dry-run"], stub_env)
   _assert_one_line_error(r, "tpu.sh", fragment)
   assert r.returncode == 2
+  assert _gcloud_calls(stub_env) == []
+
+
+def test_tpu_multislice_uses_one_queued_resource_for_every_slice(stub_env):
+  """--num-slices: --node-count / --node-prefix, then ssh/scp --node=all."""
+  two = [*NAME_ZONE, "--num-slices", "2", "--dry-run"]
+  r = _run(TPU, ["create", *two], stub_env)
+  assert r.returncode == 0, r.stderr
+  (create,) = _commands(r.stdout)
+  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources"] + [
+    "create",
+    "my-tpu",
+  ]
+  assert "--node-count=2" in create and "--node-prefix=my-tpu" in create
+  assert not any(a.startswith("--node-id") for a in create)
+  r = _run(TPU, ["setup", *two], stub_env)
+  assert r.returncode == 0, r.stderr
+  _, scp, ssh = _commands(r.stdout)
+  assert scp[:5] == ["gcloud", "compute", "tpus", "queued-resources", "scp"]
+  assert ssh[:6] == ["gcloud", "compute", "tpus", "queued-resources"] + [
+    "ssh",
+    "my-tpu",
+  ]
+  for cmd in (scp, ssh):
+    assert "--node=all" in cmd and "--worker=all" in cmd
+  args = ["run", *two, "--config", "configs/tiny.py", "--workdir", "gs://b/r"]
+  r = _run(TPU, args, stub_env)
+  assert r.returncode == 0, r.stderr
+  (run,) = _commands(r.stdout)
+  assert run[3:5] == ["queued-resources", "ssh"] and "--node=all" in run
+  # A local workdir is refused: several slices are several hosts.
+  r = _run(TPU, [*args[:-1], "/tmp/r"], stub_env)
+  _assert_one_line_error(r, "tpu.sh", "--workdir must be gs://")
+  r = _run(TPU, ["logs", *two, "--node", "1", "--worker", "2"], stub_env)
+  (logs,) = _commands(r.stdout)
+  assert "--node=1" in logs and "--worker=2" in logs
+
+
+def test_tpu_stage_and_embed_run_on_every_worker(stub_env):
+  cfg = "configs/leap_hpsv2_flux_dev.py:flux=gs://b/FLUX.1-dev,lora=1"
+  r = _run(
+    TPU,
+    ["stage", *NAME_ZONE, "--config", cfg, "--config.eval.num_prompts=8"]
+    + ["--src", "gs://b/hps.safetensors", "--dry-run"],
+    stub_env,
+  )
+  assert r.returncode == 0, r.stderr
+  (ssh,) = _commands(r.stdout)
+  assert "--worker=all" in ssh
+  assert shlex.split(_flag(ssh, "command")) == [
+    "bash",
+    "leapalign_jax/launch/worker.sh",
+    "exec",
+    "--venv",
+    "leapalign_venv",
+    "--stage-dir",
+    "leapalign_stage",
+    "--",
+    "python",
+    "-m",
+    "leapalign_jax.staging",
+    "--config",
+    cfg,
+    "eval.num_prompts=8",
+    "--src",
+    "gs://b/hps.safetensors",
+  ]
+  r = _run(
+    TPU,
+    ["embed", *NAME_ZONE, "--config", cfg, "--prompts", "gs://b/p.txt"]
+    + ["--out", "gs://b/cache_train", "--dry-run"],
+    stub_env,
+  )
+  assert r.returncode == 0, r.stderr
+  embed, stage = _commands(r.stdout)
+  assert "--worker=all" in embed and "--worker=all" in stage
+  remote = shlex.split(_flag(embed, "command"))
+  assert remote[remote.index("--") + 1 :] == [
+    "python",
+    "-m",
+    "leapalign_jax.embed_prompts",
+    "--config",
+    cfg,
+    "--prompts",
+    "gs://b/p.txt",
+    "--out",
+    "gs://b/cache_train",
+  ]
+  remote = shlex.split(_flag(stage, "command"))
+  assert remote[-2:] == ["--src", "gs://b/cache_train"]
+
+
+RESUME = [
+  "resume",
+  *NAME_ZONE,
+  "--spot",
+  "--config",
+  "configs/leap_hpsv2_flux_dev.py:flux=gs://b/FLUX.1-dev",
+  "--workdir",
+  "gs://b/runs/r1",
+]
+
+
+def _verbs(calls):
+  """Each gcloud call as "<resource> <verb>" (tpu-vm ssh, ...)."""
+  return [" ".join(c[2:4]) for c in calls]
+
+
+def test_tpu_resume_after_a_preemption_recreates_then_runs(stub_env):
+  env = dict(stub_env, STUB_STATES="SUSPENDED ACTIVE")
+  r = _run(TPU, RESUME, env)
+  assert r.returncode == 0, r.stderr
+  calls = _gcloud_calls(stub_env)
+  assert _verbs(calls) == [
+    "queued-resources describe",  # SUSPENDED: the Spot slice was preempted
+    "queued-resources delete",
+    "queued-resources create",
+    "queued-resources describe",  # --wait: ACTIVE
+    "tpu-vm scp",  # setup
+    "tpu-vm ssh",
+    "tpu-vm ssh",  # stage
+    "tpu-vm ssh",  # run
+  ]
+  assert "--spot" in calls[2] and "--quiet" in calls[1]
+  stage, run = (shlex.split(_flag(c, "command")) for c in calls[-2:])
+  assert "leapalign_jax.staging" in stage
+  assert run[2] == "start" and "leapalign_jax.main" in run
+
+
+def test_tpu_resume_after_maintenance_only_restarts_the_run(stub_env):
+  env = dict(stub_env, STUB_STATES="ACTIVE")
+  r = _run(TPU, RESUME, env)
+  assert r.returncode == 0, r.stderr
+  assert _verbs(_gcloud_calls(stub_env)) == [
+    "queued-resources describe",
+    "tpu-vm ssh",  # stage (already there: nothing copied)
+    "tpu-vm ssh",  # run
+  ]
+
+
+def test_tpu_resume_dry_run_prints_the_whole_sequence(stub_env):
+  r = _run(TPU, [*RESUME, "--dry-run"], stub_env)
+  assert r.returncode == 0, r.stderr
+  verbs = [" ".join(c[3:5]) for c in _commands(r.stdout) if c[0] == "gcloud"]
+  assert verbs[:3] == [
+    "queued-resources describe",
+    "queued-resources delete",
+    "queued-resources create",
+  ]
+  assert verbs[-3:] == ["tpu-vm ssh"] * 3  # setup, stage, run
   assert _gcloud_calls(stub_env) == []
 
 
@@ -498,6 +702,73 @@ def test_worker_start_reports_a_run_that_dies(stub_env, tmp_path):
   r = _run(WORKER, args, env, cwd=tmp_path)
   assert r.returncode == 1
   assert "not running 0.2s after start" in r.stderr
+
+
+def _start(env, cwd, *options, command=TRAIN):
+  args = ["start", "--venv", "venv", "--log-dir", "logs"]
+  args += ["--check-after", "0.1", *options, "--", *command]
+  return _run(WORKER, args, env, cwd=cwd)
+
+
+def test_worker_start_waits_for_the_first_progress_line(stub_env, tmp_path):
+  env = dict(stub_env, LEAPALIGN_WORKER_ID="1", FAKE_FIRST_STEP="20")
+  env["LEAPALIGN_LOG_COPY_SECONDS"] = "1"
+  copies = tmp_path / "workdir_logs"
+  r = _start(
+    env,
+    tmp_path,
+    "--wait-progress",
+    "20",
+    "--stage-dir",
+    "stage",
+    "--copy-log-to",
+    str(copies),
+  )
+  assert r.returncode == 0, r.stderr
+  assert "[leapalign] progress: step 1 of 9 done" in r.stderr
+  assert (
+    r.stderr.strip().splitlines()[-1].startswith("worker.sh: worker 1: started")
+  )
+  stop = _run(WORKER, ["stop", "--log-dir", "logs"], env, cwd=tmp_path)
+  assert stop.returncode == 0, stop.stderr
+  log = (tmp_path / "logs" / "train.worker1.log").read_text()
+  assert f"stage={tmp_path / 'stage'}" in log
+  # The log copier's last copy, after the run ended, has the whole log.
+  copied = copies / f"train.{socket.gethostname()}.log"
+  deadline = time.monotonic() + 30
+  while "SIGTERM: checkpoint saved" not in (
+    copied.read_text() if copied.exists() else ""
+  ):
+    assert time.monotonic() < deadline, "the log was never copied whole"
+    time.sleep(0.1)
+
+
+def test_worker_start_fails_on_the_programs_error(stub_env, tmp_path):
+  env = dict(stub_env, LEAPALIGN_WORKER_ID="0", FAKE_ERROR="1")
+  r = _start(env, tmp_path, "--wait-progress", "20", "--check-after", "0")
+  assert r.returncode == 1
+  assert "error: config.flux.path is empty" in r.stderr
+  status = _run(WORKER, ["status", "--log-dir", "logs"], env, cwd=tmp_path)
+  assert status.returncode == 0, status.stderr
+  assert status.stdout.splitlines()[0].startswith("worker 0: not running")
+  assert "errors in its log" in status.stdout
+  assert "error: config.flux.path is empty" in status.stdout
+
+
+def test_worker_start_times_out_without_progress(stub_env, tmp_path):
+  env = dict(stub_env, LEAPALIGN_WORKER_ID="0", FAKE_FIRST_STEP="100000")
+  r = _start(env, tmp_path, "--wait-progress", "1")
+  assert r.returncode == 1
+  assert "no progress line 1s after start" in r.stderr
+  _run(WORKER, ["stop", "--log-dir", "logs"], env, cwd=tmp_path)
+
+
+def test_worker_exec_runs_in_the_repository_with_the_venv(stub_env, tmp_path):
+  env = dict(stub_env, LEAPALIGN_WORKER_ID="0", FAKE_STEPS="1")
+  args = ["exec", "--venv", "venv", "--stage-dir", "st", "--", "python", "x"]
+  r = _run(WORKER, args, env, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert "args: x" in r.stdout and f"stage={tmp_path / 'st'}" in r.stdout
 
 
 def test_worker_setup_dry_run(stub_env, tmp_path):
@@ -605,11 +876,9 @@ def test_slurm_sbatch_dry_run_sets_coordinator_env(stub_env, tmp_path):
     f"--output={tmp_path}/logs/leapalign-12345-r0-node%n.log",
     "--cpus-per-task=96",
   ]
-  assert srun[task + 1 : task + 4] == [
-    "-c",
-    'export JAX_PROCESS_ID="$SLURM_PROCID"; exec "$@"',
-    "leapalign-task",
-  ]
+  assert srun[task + 1] == "-c"
+  assert srun[task + 2].startswith('export JAX_PROCESS_ID="$SLURM_PROCID"')
+  assert srun[task + 3] == "leapalign-task"
   assert srun[task + 4 :] == [
     str(REPO / ".venv/bin/python"),
     *TRAIN[1:5],
@@ -670,11 +939,26 @@ def test_slurm_preemption_waits_for_the_checkpoint(stub_env, tmp_path):
   proc.send_signal(signal.SIGTERM)
   time.sleep(0.3)
   assert proc.poll() is None  # still waiting for the training processes
-  os.kill(int((tmp_path / "task.pid").read_text()), signal.SIGTERM)
+  # SLURM signals every process of the step (the task's shell too).
+  os.killpg(int((tmp_path / "task.pid").read_text()), signal.SIGTERM)
   out, err = proc.communicate(timeout=20)
   assert proc.returncode == 0, err
   assert "SIGTERM: checkpoint saved" in _node_log(tmp_path)
   assert "requeue" not in (tmp_path / "scontrol.log").read_text()
+
+
+def test_slurm_failing_run_is_not_requeued_after_the_time_limit(
+  stub_env, tmp_path
+):
+  """Only a preemption exit requeues: a run that fails would loop forever."""
+  proc = _start_sbatch(stub_env, tmp_path, FAKE_TERM_STATUS="1")
+  _wait_for(tmp_path / "started")
+  proc.send_signal(signal.SIGUSR1)
+  out, err = proc.communicate(timeout=20)
+  assert proc.returncode == 1, err
+  assert "requeue" not in (tmp_path / "scontrol.log").read_text()
+  assert "not requeueing" in err
+  assert not list((tmp_path / "logs").glob(".preempted-*"))
 
 
 @pytest.mark.parametrize(

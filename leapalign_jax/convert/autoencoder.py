@@ -25,6 +25,7 @@ from leapalign_jax.convert import keymap
 from leapalign_jax.convert.errors import ConversionError, name_some
 from leapalign_jax.convert.keymap import Rule, Src
 from leapalign_jax.convert.safetensors_io import TensorSource, open_folder
+from leapalign_jax.errors import require_local
 from leapalign_jax.models.autoencoder import VARIANTS, AutoEncoderConfig
 
 # ldm-style single files nest the VAE under one of these.
@@ -190,6 +191,7 @@ def open_checkpoint(path: str) -> tuple[TensorSource, str, dict]:
     (tensors with ldm prefixes stripped, layout "bfl"|"diffusers", diffusers
     config dict or {}).
   """
+  require_local(path)
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or folder")
   dcfg = {}

@@ -19,6 +19,7 @@ from leapalign_jax.convert import keymap
 from leapalign_jax.convert.errors import ConversionError
 from leapalign_jax.convert.keymap import Rule, Src, linear, reshape, swap_halves
 from leapalign_jax.convert.safetensors_io import TensorSource, open_folder
+from leapalign_jax.errors import require_local
 from leapalign_jax.models.flux import VARIANTS, FluxConfig
 
 BFL_PREFIXES = ("model.diffusion_model.",)
@@ -383,6 +384,7 @@ def open_checkpoint(path: str) -> tuple[TensorSource, str, dict]:
     (tensors with prefixes stripped, layout "bfl"|"diffusers", diffusers
     config dict or {}).
   """
+  require_local(path)
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or folder")
   diffusers_config = {}

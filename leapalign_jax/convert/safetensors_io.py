@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from leapalign_jax.convert.errors import ConversionError, name_some
+from leapalign_jax.errors import require_local
 
 DTYPES: dict[str, np.dtype] = {
   "F64": np.dtype(np.float64),
@@ -55,7 +56,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
   Raises:
     ConversionError: if the file is missing, truncated or not safetensors.
+    UserError: ``path`` is a URL (stage it first).
   """
+  require_local(path)
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: no such file")
   size = os.path.getsize(path)

@@ -24,6 +24,7 @@ import numpy as np
 
 from leapalign_jax.convert.errors import ConversionError, name_some
 from leapalign_jax.convert.safetensors_io import TensorSource, open_folder
+from leapalign_jax.errors import require_local
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Keys under which training scripts nest the state dict in a pickle.
@@ -149,6 +150,7 @@ def load_torch_file(path: str) -> TorchSource:
 
 def open_file(path: str):
   """A ``.safetensors`` file or a PyTorch pickle as a tensor source."""
+  require_local(path)
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or folder")
   if path.endswith(TORCH_SUFFIXES):
@@ -172,6 +174,7 @@ def open_weights(path: str, subfolders: Sequence[str] = ()) -> tuple[Any, dict]:
   Returns:
     ``(source, config)``: config is the folder's ``config.json`` or ``{}``.
   """
+  require_local(path)
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or folder")
   if not os.path.isdir(path):

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from leapalign_jax import data
+from leapalign_jax import data, fileio
 from leapalign_jax.components import ConfigError
 from leapalign_jax.utils import atomic_dir
 from leapalign_jax.worlds import digits, digits_eval, digits_train, random_world
@@ -119,7 +119,9 @@ def world_config(config: ml_collections.ConfigDict) -> digits.DigitsConfig:
 
 def folder_of(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where the world's models live."""
-  return config.world_options.get("dir") or os.path.join(workdir, WORLD)
+  # A gs:// workdir: the world's models are memory-mapped from the host's
+  # disk, so they are built in a local folder (fileio.local_scratch).
+  return config.world_options.get("dir") or fileio.local_scratch(workdir, WORLD)
 
 
 # ---------------------------------------------------------------------------

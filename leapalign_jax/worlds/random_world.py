@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from leapalign_jax import fileio
 from leapalign_jax.convert.safetensors_io import write_json_atomic
 from leapalign_jax.data import read_manifest
 from leapalign_jax.utils import atomic_dir
@@ -211,7 +212,10 @@ def _complete(path: str, records: list[dict]) -> bool:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str):
   """Builds (once) the random world in ``workdir/world``; returns the config."""
-  folder = config.world_options.get("dir") or os.path.join(workdir, WORLD)
+  # A gs:// workdir: built on the host's disk (memory-mapped models).
+  folder = config.world_options.get("dir") or fileio.local_scratch(
+    workdir, WORLD
+  )
   os.makedirs(folder, exist_ok=True)
   sizes = _sizes(config.world_options)
   claim(folder, _identity(config, sizes))
