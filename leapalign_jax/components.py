@@ -173,9 +173,14 @@ class Components:
       process_count=count,
     )
 
-  @staticmethod
-  def batch_to_arrays(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(element[k]) for k in data.FIELDS}
+  @property
+  def batch_fields(self) -> tuple[str, ...]:
+    """The cache fields a step reads: embeddings, each reward's ids."""
+    ids = tuple(data.ids_field(n) for n in self.reward.tokenizers)
+    return (*data.TEXT_FIELDS, *ids)
+
+  def batch_to_arrays(self, element: dict[str, np.ndarray]):
+    return {k: np.asarray(element[k]) for k in self.batch_fields}
 
   # --- models -------------------------------------------------------------
 
@@ -426,7 +431,8 @@ def make_step_fns(config, graphdef, flux_cfg, geo: Geometry, decode, reward):
   def reward_fn(frozen, x0, batch):
     z = sampling.unpack_tokens(x0, h_tok, w_tok)
     images = jnp.clip(decode(frozen["vae"], z), -1.0, 1.0)
-    return reward.score(frozen["reward"], images, batch["reward_ids"])
+    # Each reward reads the ids of its own tokenizer (rewards/text.py).
+    return reward.score(frozen["reward"], images, data.reward_ids(batch))
 
   def noise(key, batch_size):
     z = jax.random.normal(
@@ -447,10 +453,26 @@ def _check_cache(cache: data.PromptCache, flux_cfg, reward) -> None:
       f"{flux_cfg.context_in_dim} / {flux_cfg.vec_in_dim} features; embed the "
       "prompts with this model's text encoders"
     )
-  ids = cache.field_shape("reward_ids")
-  if reward.text_length and ids[-1] != reward.text_length:
-    raise ConfigError(
-      f"{cache.folder}: reward tokens have length {ids[-1]} but the reward "
-      f"model takes {reward.text_length}; set text.reward_max_length and "
-      "re-embed"
-    )
+  tokenized = cache.encoders.get("rewards", {})
+  for name, style in reward.tokenizers.items():
+    field = data.ids_field(name)
+    if field not in cache.fields:
+      raise ConfigError(
+        f"{cache.folder}: holds no prompt ids for reward {name!r} (it has "
+        f"ids for {sorted(data.reward_ids(dict.fromkeys(cache.fields)))}); "
+        "re-embed the prompts with this config (python -m "
+        "leapalign_jax.embed_prompts)"
+      )
+    if tokenized.get(name, {}).get("style") != style:
+      raise ConfigError(
+        f"{cache.folder}: reward {name!r} reads {style} ids but the cache "
+        f"holds {tokenized.get(name, {}).get('style')} ones; re-embed the "
+        "prompts with this config"
+      )
+    ids = cache.field_shape(field)
+    if reward.text_length and ids[-1] != reward.text_length:
+      raise ConfigError(
+        f"{cache.folder}: reward {name!r} ids have length {ids[-1]} but the "
+        f"reward model takes {reward.text_length}; set "
+        "text.reward_max_length and re-embed"
+      )

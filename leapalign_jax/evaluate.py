@@ -54,7 +54,7 @@ def generate(
     pad = bs - len(chunk)
     chunk_p = chunk + [chunk[-1]] * pad  # one compiled shape
     rows = [cache[i] for i, _ in chunk_p]
-    batch = {k: np.stack([r[k] for r in rows]) for k in data.FIELDS}
+    batch = {k: np.stack([r[k] for r in rows]) for k in data.TEXT_FIELDS}
     batch = sharding.put_global(batch, comps.mesh)
     keys = sharding.put_global({"k": _keys(seed, chunk_p)}, comps.mesh)["k"]
     imgs = sharding.to_host(sample(params, comps.frozen, batch, keys))
@@ -71,20 +71,27 @@ def score(
   # The rewards clip silently inside jit; a wrong value range (e.g. [0, 1]
   # or [0, 255] images) must fail here instead of being scored.
   rewards.check_images(imgs)
-  ids = np.stack(
-    [cache[i]["reward_ids"] for i in indices for _ in range(per_prompt)]
-  )
+  # Each reward's own ids (rewards/text.py), one row per image.
+  fields = [data.ids_field(n) for n in comps.reward.tokenizers]
+  rows = [cache[i] for i in indices]
+  ids = {
+    f: np.repeat(np.stack([r[f] for r in rows]), per_prompt, 0) for f in fields
+  }
   fn = comps.reward_each_fn()
   bs = int(comps.config.eval.batch_size)
   out: dict[str, list] = {}
   for start in range(0, len(imgs), bs):
-    x, t = imgs[start : start + bs], ids[start : start + bs]
-    pad = bs - len(x)
+    chunk = {"x": imgs[start : start + bs]}
+    chunk.update({f: v[start : start + bs] for f, v in ids.items()})
+    pad = bs - len(chunk["x"])
     if pad:
-      x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
-      t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
-    placed = sharding.put_global({"x": x, "t": t}, comps.mesh)
-    scores = fn(comps.frozen["reward"], placed["x"], placed["t"])
+      chunk = {
+        k: np.concatenate([v, np.repeat(v[-1:], pad, 0)])
+        for k, v in chunk.items()
+      }
+    placed = sharding.put_global(chunk, comps.mesh)
+    x = placed.pop("x")
+    scores = fn(comps.frozen["reward"], x, data.reward_ids(placed))
     for name, v in scores.items():
       out.setdefault(name, []).append(sharding.to_host(v)[: bs - pad])
   return {k: np.concatenate(v) for k, v in out.items()}
