@@ -190,7 +190,10 @@ class Components:
     return nnx.merge(self.graphdef, *states)
 
   def sample_fn(self, num_steps: int):
-    """Jitted ``(params, frozen, batch, keys [B, 2]) -> images [B, H, W, 3]``."""
+    """Jitted ``(params, frozen, batch, keys [B, 2]) -> images [B, H, W, 3]``.
+
+    ``keys`` are the images' ``sampling.seed_keys``.
+    """
     return self._once(
       ("sample", num_steps), lambda: self._make_sample_fn(num_steps)
     )
@@ -203,12 +206,14 @@ class Components:
     )
     sampler = make_sampler(self.graphdef, self.decode, self.geometry.tokens, g)
     sigmas = jnp.asarray(self.sigma_grid(num_steps))
-    noise = self.step_fns.noise
+    geo = self.geometry
+    latent = (geo.latent_h, geo.latent_w, geo.channels)
 
     @jax.jit
     def sample(params, frozen, batch, keys):
-      # One key per image: its noise does not depend on the batch.
-      x1 = jax.vmap(lambda k: noise(jax.random.wrap_key_data(k), 1)[0])(keys)
+      # One seed per image: its noise does not depend on the batch
+      # (the same function as leapalign_jax.sample's).
+      x1 = sampling.seed_noise(keys, latent)
       states = (params,) if frozen["flux"] is None else (params, frozen["flux"])
       return sampler(
         states, frozen["vae"], batch["t5"], batch["clip_pooled"], x1, sigmas

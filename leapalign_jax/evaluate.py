@@ -7,9 +7,15 @@ samples ``eval.num_prompts`` prompts of ``data.eval_cache`` ×
 checkpoint, scores them with every configured reward (and the world's
 held-out evaluator, if it has one) and writes ``eval/<tag>/``: one PNG per
 image, ``samples.jsonl`` (file, prompt, seed, attributes, scores),
-``eval.json`` (means and standard deviations) and ``grid.png``. The noise of
-image ``j`` of prompt ``i`` depends only on ``(eval.seed, i, j)``, so any
-checkpoint and any batch size see the same noise.
+``eval.json`` (means and standard deviations) and ``grid.png``.
+
+Seeds: image ``j`` of held-out prompt ``i`` has the seed
+``eval.seed + i * eval.images_per_prompt + j`` (``image_seed``; written to
+``samples.jsonl``), and an image's initial noise is a function of its seed
+alone (``sampling.seed_noise``), as in ``leapalign_jax.sample``: any
+checkpoint and any batch size see the same noise, and
+``python -m leapalign_jax.sample --prompt <its prompt> --seed <its seed>``
+with the same config and weights draws the same image.
 """
 
 from __future__ import annotations
@@ -21,17 +27,15 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from leapalign_jax import data, errors, images, sharding
+from leapalign_jax import data, errors, images, sampling, sharding
 from leapalign_jax.utils import atomic_dir
 
 
-def _keys(seed: int, pairs: list[tuple[int, int]]) -> np.ndarray:
-  root = jax.random.key(seed)
-  keys = [jax.random.fold_in(jax.random.fold_in(root, i), j) for i, j in pairs]
-  return np.asarray(jax.random.key_data(jnp.stack(keys)))
+def image_seed(seed: int, prompt_index: int, image: int, per_prompt: int):
+  """The seed of image ``image`` of held-out prompt ``prompt_index``."""
+  return int(seed) + prompt_index * per_prompt + image
 
 
 def generate(
@@ -45,7 +49,10 @@ def generate(
   images_per_prompt: int = 1,
 ) -> np.ndarray:
   """Images ``[len(indices) * images_per_prompt, H, W, 3]`` in ``[-1, 1]``."""
-  pairs = [(i, j) for i in indices for j in range(images_per_prompt)]
+  per = images_per_prompt
+  pairs = [
+    (i, image_seed(seed, i, j, per)) for i in indices for j in range(per)
+  ]
   bs = int(comps.config.eval.batch_size)
   sample = comps.sample_fn(num_steps)
   out = []
@@ -56,7 +63,8 @@ def generate(
     rows = [cache[i] for i, _ in chunk_p]
     batch = {k: np.stack([r[k] for r in rows]) for k in data.TEXT_FIELDS}
     batch = sharding.put_global(batch, comps.mesh)
-    keys = sharding.put_global({"k": _keys(seed, chunk_p)}, comps.mesh)["k"]
+    keys = sampling.seed_keys([s for _, s in chunk_p])
+    keys = sharding.put_global({"k": keys}, comps.mesh)["k"]
     imgs = sharding.to_host(sample(params, comps.frozen, batch, keys))
     out.append(imgs[: len(chunk)])
   return np.concatenate(out)
@@ -166,7 +174,7 @@ def _write_files(
       {
         "file": name,
         "prompt_index": i,
-        "seed": [int(seed), i, j],
+        "seed": image_seed(seed, i, j, per),  # sample --seed draws it again
         **rec,
         **{f"reward/{n}": float(v[k]) for n, v in scores.items()},
       }
