@@ -198,9 +198,10 @@ class TextEncoders:
     )
     _, t5 = load_t5(text_cfg.t5_path, dtype=dtype)
     # The checkpoint's own tokenizer; the vendored BPE only without one.
-    folder = text_cfg.clip_tokenizer or tokenizers.find_clip_tokenizer(
-      text_cfg.clip_path
-    )
+    if text_cfg.clip_tokenizer:
+      folder = tokenizers.resolve_clip_tokenizer(text_cfg.clip_tokenizer)
+    else:
+      folder = tokenizers.find_clip_tokenizer(text_cfg.clip_path)
     self.clip_tokenizer_folder = str(folder or "")
     self.clip_tok = tokenizers.load_clip_tokenizer(folder or None)
     tokenizers.check_vocab(

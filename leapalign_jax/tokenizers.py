@@ -124,6 +124,11 @@ def find_clip_tokenizer(path: str | os.PathLike) -> pathlib.Path | None:
   return next((c for c in candidates if _has_clip_tokenizer(c)), None)
 
 
+def resolve_clip_tokenizer(path: str | os.PathLike) -> pathlib.Path:
+  """``path/tokenizer`` for a snapshot root, else ``path`` itself."""
+  return _resolve(path, "tokenizer")
+
+
 def check_vocab(size: int, rows: int, tokenizer: str, encoder: str) -> None:
   """Refuses a tokenizer whose vocabulary is not the encoder's table.
 
@@ -165,7 +170,7 @@ def load_clip_tokenizer(
     A `CLIPTokenizer` with `model_max_length` 77 and `<|endoftext|>` padding.
   """
   if path is not None:
-    folder = _resolve(path, "tokenizer")
+    folder = resolve_clip_tokenizer(path)
     return transformers.CLIPTokenizer.from_pretrained(
       str(folder), local_files_only=True
     )

@@ -271,16 +271,6 @@ def _cache_arrays(folder: str) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in cache.fields}
 
 
-def _trained_reward_ids(config, text: dict[str, np.ndarray]) -> np.ndarray:
-  """The ids the world's reward learns from: its own entry's in the cache."""
-  names = list(random_world.reward_texts(config))
-  if len(names) != 1:
-    raise ValueError(
-      f"the digits world trains one CLIP reward; config.rewards has {names}"
-    )
-  return text[data.ids_field(names[0])]
-
-
 def _train_autoencoder(opts, images: np.ndarray, seed: int, out: str, stop):
   from leapalign_jax.convert import export_autoencoder
   from leapalign_jax.models import autoencoder
@@ -537,7 +527,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     },
   )
   text = _cache_arrays(all_cache)
-  reward_ids = _trained_reward_ids(c, text)
+  reward_ids = random_world.trained_reward_ids(c, text)
 
   pre: list[digits.Batch] = []
 

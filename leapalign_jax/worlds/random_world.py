@@ -293,6 +293,16 @@ def reward_texts(c) -> dict:
   return out
 
 
+def trained_reward_ids(c, arrays: dict) -> np.ndarray:
+  """The cached ids of the one reward a world trains (its entry's own)."""
+  from leapalign_jax.data import ids_field
+
+  names = list(reward_texts(c))
+  if len(names) != 1:
+    raise ValueError(f"a world trains one CLIP reward; config has {names}")
+  return arrays[ids_field(names[0])]
+
+
 def embed_caches(c, caches: dict[str, tuple[str, list[dict]]]) -> None:
   """Embeds each ``{data field: (folder, records)}`` once; sets ``c.data``."""
   from leapalign_jax import embed_prompts
