@@ -27,6 +27,10 @@ INSTALL_REQUIRES = [
   "transformers>=5.23.0",
   "tokenizers>=0.23.3",
   "sentencepiece>=0.2.3",
+  # OpenCLIP's text pipeline, for rewards trained with it (HPSv2): ftfy
+  # (pure Python, with wcwidth) and regex (transformers needs it too).
+  "ftfy>=6.3.1",
+  "regex>=2026.11.19",
   "safetensors>=0.8.0",
   "numpy>=2.0",
   "ml_dtypes>=0.5.0",

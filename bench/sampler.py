@@ -72,7 +72,7 @@ def run(name, steps, repeats):
   lh, lw, zc = ae_cfg.latent_shape(size, size)
   sampler = make_sampler(graphdef, decode, (lh // 2, lw // 2), 3.5)
   sigmas = jnp.asarray(sampling.get_schedule(steps, (lh // 2) * (lw // 2)))
-  x1 = noise_for([0, 0], [0, 1], (lh, lw, zc))
+  x1 = noise_for([0, 1], (lh, lw, zc))
   args = (
     params,
     vae_params,

@@ -1,9 +1,12 @@
 """LeapAlign on FLUX.1-dev with the HPSv2.1 reward (paper Table 2, §8).
 
-  # once: embed the prompts (HPDv2 train prompts / the 400 test prompts)
-  python -m leapalign_jax.embed_prompts --config configs/leap_hpsv2_flux_dev.py \
+  # once: embed the prompts (HPDv2 train prompts / the 400 test prompts);
+  # the HPSv2 ids are OpenCLIP's, as HPSv2 was trained (rewards/text.py)
+  python -m leapalign_jax.embed_prompts \
+      --config configs/leap_hpsv2_flux_dev.py:flux=/ckpt/FLUX.1-dev,hps=/ckpt/HPS_v2.1_compressed.pt \
       --prompts hpdv2_train.txt --out /data/hpdv2_train
-  python -m leapalign_jax.embed_prompts --config configs/leap_hpsv2_flux_dev.py \
+  python -m leapalign_jax.embed_prompts \
+      --config configs/leap_hpsv2_flux_dev.py:flux=/ckpt/FLUX.1-dev,hps=/ckpt/HPS_v2.1_compressed.pt \
       --prompts hpdv2_test.txt --out /data/hpdv2_test
   # train (300 iterations), then evaluate the EMA weights
   python -m leapalign_jax.main \

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from leapalign_jax import components, sharding
+from leapalign_jax import components, data, sharding
 from leapalign_jax import step as step_lib
 
 
@@ -124,8 +124,10 @@ def build(config: ml_collections.ConfigDict, mesh) -> AbstractRun:
   shapes = {
     "t5": ((B, t.t5_max_length, flux_cfg.context_in_dim), cache),
     "clip_pooled": ((B, flux_cfg.vec_in_dim), cache),
-    "reward_ids": ((B, reward.text_length or t.reward_max_length), jnp.int32),
   }
+  for name in reward.tokenizers:  # each reward's own ids
+    length = reward.text_length or t.reward_max_length
+    shapes[data.ids_field(name)] = ((B, length), jnp.int32)
   batch = {
     k: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))

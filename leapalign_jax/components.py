@@ -175,9 +175,14 @@ class Components:
       process_count=count,
     )
 
-  @staticmethod
-  def batch_to_arrays(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(element[k]) for k in data.FIELDS}
+  @property
+  def batch_fields(self) -> tuple[str, ...]:
+    """The cache fields a step reads: embeddings, each reward's ids."""
+    ids = tuple(data.ids_field(n) for n in self.reward.tokenizers)
+    return (*data.TEXT_FIELDS, *ids)
+
+  def batch_to_arrays(self, element: dict[str, np.ndarray]):
+    return {k: np.asarray(element[k]) for k in self.batch_fields}
 
   # --- models -------------------------------------------------------------
 
@@ -187,7 +192,10 @@ class Components:
     return nnx.merge(self.graphdef, *states)
 
   def sample_fn(self, num_steps: int):
-    """Jitted ``(params, frozen, batch, keys [B, 2]) -> images [B, H, W, 3]``."""
+    """Jitted ``(params, frozen, batch, keys [B, 2]) -> images [B, H, W, 3]``.
+
+    ``keys`` are the images' ``sampling.seed_keys``.
+    """
     return self._once(
       ("sample", num_steps), lambda: self._make_sample_fn(num_steps)
     )
@@ -200,12 +208,14 @@ class Components:
     )
     sampler = make_sampler(self.graphdef, self.decode, self.geometry.tokens, g)
     sigmas = jnp.asarray(self.sigma_grid(num_steps))
-    noise = self.step_fns.noise
+    geo = self.geometry
+    latent = (geo.latent_h, geo.latent_w, geo.channels)
 
     @jax.jit
     def sample(params, frozen, batch, keys):
-      # One key per image: its noise does not depend on the batch.
-      x1 = jax.vmap(lambda k: noise(jax.random.wrap_key_data(k), 1)[0])(keys)
+      # One seed per image: its noise does not depend on the batch
+      # (the same function as leapalign_jax.sample's).
+      x1 = sampling.seed_noise(keys, latent)
       states = (params,) if frozen["flux"] is None else (params, frozen["flux"])
       return sampler(
         states, frozen["vae"], batch["t5"], batch["clip_pooled"], x1, sigmas
@@ -428,7 +438,8 @@ def make_step_fns(config, graphdef, flux_cfg, geo: Geometry, decode, reward):
   def reward_fn(frozen, x0, batch):
     z = sampling.unpack_tokens(x0, h_tok, w_tok)
     images = jnp.clip(decode(frozen["vae"], z), -1.0, 1.0)
-    return reward.score(frozen["reward"], images, batch["reward_ids"])
+    # Each reward reads the ids of its own tokenizer (rewards/text.py).
+    return reward.score(frozen["reward"], images, data.reward_ids(batch))
 
   def noise(key, batch_size):
     z = jax.random.normal(
@@ -449,10 +460,26 @@ def _check_cache(cache: data.PromptCache, flux_cfg, reward) -> None:
       f"{flux_cfg.context_in_dim} / {flux_cfg.vec_in_dim} features; embed the "
       "prompts with this model's text encoders"
     )
-  ids = cache.field_shape("reward_ids")
-  if reward.text_length and ids[-1] != reward.text_length:
-    raise ConfigError(
-      f"{cache.folder}: reward tokens have length {ids[-1]} but the reward "
-      f"model takes {reward.text_length}; set text.reward_max_length and "
-      "re-embed"
-    )
+  tokenized = cache.encoders.get("rewards", {})
+  for name, style in reward.tokenizers.items():
+    field = data.ids_field(name)
+    if field not in cache.fields:
+      raise ConfigError(
+        f"{cache.folder}: holds no prompt ids for reward {name!r} (it has "
+        f"ids for {sorted(data.reward_ids(dict.fromkeys(cache.fields)))}); "
+        "re-embed the prompts with this config (python -m "
+        "leapalign_jax.embed_prompts)"
+      )
+    if tokenized.get(name, {}).get("style") != style:
+      raise ConfigError(
+        f"{cache.folder}: reward {name!r} reads {style} ids but the cache "
+        f"holds {tokenized.get(name, {}).get('style')} ones; re-embed the "
+        "prompts with this config"
+      )
+    ids = cache.field_shape(field)
+    if reward.text_length and ids[-1] != reward.text_length:
+      raise ConfigError(
+        f"{cache.folder}: reward {name!r} ids have length {ids[-1]} but the "
+        f"reward model takes {reward.text_length}; set "
+        "text.reward_max_length and re-embed"
+      )

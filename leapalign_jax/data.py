@@ -2,11 +2,13 @@
 
 A cache folder holds ``manifest.json`` and ``shard-XXXXX.safetensors`` files.
 Each shard stores, per prompt, the T5 hidden states (``t5``, ``[S, D]``), the
-CLIP pooled vector (``clip_pooled``), the reward model's text tokens
-(``reward_ids``) and the prompt's row in the manifest (``index``). The
+CLIP pooled vector (``clip_pooled``), each text-reading reward's own prompt
+ids (``reward_ids/<reward name>``, tokenised as that reward was trained:
+``rewards.text``) and the prompt's row in the manifest (``index``). The
 manifest lists the prompts (with optional structured attributes), the field
-shapes/dtypes and the encoders' identity, so embeddings from different
-encoders are never mixed.
+shapes/dtypes and the encoders' and tokenizers' identity, so embeddings from
+different encoders are never mixed. Caches of format 1 (one ``reward_ids``
+for every reward) are refused with a line saying to re-embed.
 
 Training reads a cache through ``grain``: a shuffled, per-epoch reshuffled,
 random-access ``MapDataset``; the batch for step ``s`` on host ``h`` is a pure
@@ -32,8 +34,24 @@ from leapalign_jax.convert.safetensors_io import (
 from leapalign_jax.errors import UserError, require_local
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-FIELDS = ("t5", "clip_pooled", "reward_ids")
+# 2: reward ids per reward (``reward_ids/<name>``); 1 had one ``reward_ids``.
+FORMAT_VERSION = 2
+TEXT_FIELDS = ("t5", "clip_pooled")
+IDS_PREFIX = "reward_ids/"
+
+
+def ids_field(reward: str) -> str:
+  """The cache field holding ``reward`` 's prompt ids."""
+  return IDS_PREFIX + reward
+
+
+def reward_ids(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """``{reward name: ids}`` of a cache row or batch."""
+  return {
+    k[len(IDS_PREFIX) :]: v
+    for k, v in batch.items()
+    if k.startswith(IDS_PREFIX)
+  }
 
 
 class CacheError(UserError):
@@ -60,7 +78,8 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
   if manifest.get("version") != FORMAT_VERSION:
     raise CacheError(
       f"{path}: cache format {manifest.get('version')} is not "
-      f"{FORMAT_VERSION}; re-run embed_prompts into a new folder"
+      f"{FORMAT_VERSION} (reward ids per reward); re-embed the prompts: "
+      "python -m leapalign_jax.embed_prompts into a new folder"
     )
   return manifest
 
@@ -108,7 +127,7 @@ class CacheWriter:
     if not n:
       return
     fields = {}
-    for name in FIELDS:
+    for name in sorted(arrays):
       arr = np.asarray(arrays[name])
       if arr.shape[0] != n:
         raise ValueError(f"{name}: {arr.shape[0]} rows for {n} records")
@@ -120,7 +139,7 @@ class CacheWriter:
       )
     start = len(self.manifest["records"])
     shard = shard_name(len(self.manifest["shards"]))
-    tensors = {k: np.ascontiguousarray(arrays[k]) for k in FIELDS}
+    tensors = {k: np.ascontiguousarray(arrays[k]) for k in fields}
     tensors["index"] = np.arange(start, start + n, dtype=np.int64)
     save_file(tensors, os.path.join(self.folder, shard))
     self.manifest["fields"] = fields
@@ -152,6 +171,7 @@ class PromptCache:
       for s in manifest["shards"]
     ]
     self.offsets = np.cumsum([0] + [s["count"] for s in manifest["shards"]])
+    self.fields = tuple(manifest["fields"])
 
   def __len__(self) -> int:
     return int(self.offsets[-1])
@@ -161,7 +181,7 @@ class PromptCache:
     s = int(np.searchsorted(self.offsets, i, side="right") - 1)
     row = i - int(self.offsets[s])
     shard = self.shards[s]
-    return {k: np.array(shard[k][row]) for k in (*FIELDS, "index")}
+    return {k: np.array(shard[k][row]) for k in (*self.fields, "index")}
 
   def field_shape(self, name: str) -> tuple[int, ...]:
     return tuple(self.manifest["fields"][name]["shape"])

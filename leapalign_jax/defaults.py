@@ -44,15 +44,18 @@ def base() -> ml_collections.ConfigDict:
     {
       "clip_path": "",  # CLIP-L text encoder (or the snapshot root)
       "t5_path": "",  # T5-XXL encoder (or the snapshot root)
-      "clip_tokenizer": "",  # "" = the vendored OpenAI BPE
+      # "" = the checkpoint's own (clip_path's tokenizer/), else the
+      # vendored OpenAI BPE.
+      "clip_tokenizer": "",
       "t5_tokenizer": "",  # "" = next to t5_path (tokenizer_2/)
-      "reward_tokenizer": "",  # "" = the vendored OpenAI BPE
       "clip_max_length": 77,
       "t5_max_length": 512,  # 256 for schnell
+      # Reward ids' length (each reward's own tokenizer: rewards/text.py);
+      # the reward text towers' context length.
       "reward_max_length": 77,
       "batch_size": 16,
       "dtype": "bfloat16",
-      "cache_dtype": "bfloat16",
+      "cache_dtype": "bfloat16",  # embeddings in the prompt cache
     }
   )
   # name -> {weight, path, options}; see leapalign_jax.rewards.

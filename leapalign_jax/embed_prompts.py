@@ -1,4 +1,4 @@
-"""Prompt-embedding cache job: prompts -> T5 states + CLIP pooled + reward ids.
+"""Prompt-embedding cache job: prompts -> T5 + CLIP pooled + each reward's ids.
 
   python -m leapalign_jax.embed_prompts --config configs/<run>.py \
       --prompts <file.txt | file.jsonl | tfds:name/split[:field]> --out <dir> \
@@ -8,8 +8,11 @@ Encodes in fixed-size batches (one compiled program) with a progress bar and
 writes whole shards atomically (``leapalign_jax.data``), so an interrupted
 job resumes where it stopped. Duplicate prompts are embedded once, prompts
 already in the cache are skipped, and a cache written by other encoders is
-refused. ``.jsonl`` records keep their other fields (e.g. digit / colour /
-position attributes) in the manifest. Prompts longer than an encoder's limit
+refused. Each reward that reads text gets the ids of the tokenizer it was
+trained with (``rewards.text``: OpenCLIP's for ``hpsv2``, transformers' for
+``pickscore``), so the config's reward paths must be set. ``.jsonl`` records
+keep their other fields (e.g. digit / colour / position attributes) in the
+manifest. Prompts longer than an encoder's limit
 are truncated with one warning per encoder. Bad input (a missing, empty or
 unreadable prompt file, wrong encoder weights, an unknown config key) is one
 ``error:`` line and exit status 2.
@@ -177,9 +180,15 @@ def fingerprint(path: str) -> str:
 
 
 class TextEncoders:
-  """CLIP-L text + T5 encoders and tokenizers, as ``config.text`` names them."""
+  """Flux's CLIP-L text + T5 encoders and tokenizers (``config.text``).
 
-  def __init__(self, text_cfg):
+  With ``rewards`` (``rewards.text.specs``) it also tokenises the prompts
+  for each reward as that reward was trained (``reward_ids/<name>``).
+  ``cache=True`` rounds the embeddings to ``text.cache_dtype`` (what the
+  cache stores); ``False`` keeps them in float32 (sampling).
+  """
+
+  def __init__(self, text_cfg, rewards=None, *, cache: bool = True):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -189,21 +198,32 @@ class TextEncoders:
 
     self.cfg = text_cfg
     dtype = text_cfg.dtype
-    _, clip = load_clip(text_cfg.clip_path, towers=("text",), dtype=dtype)
+    clip_cfg, clip = load_clip(
+      text_cfg.clip_path, towers=("text",), dtype=dtype
+    )
     _, t5 = load_t5(text_cfg.t5_path, dtype=dtype)
-    self.clip_tok = tokenizers.load_clip_tokenizer(
-      text_cfg.clip_tokenizer or None
+    # The checkpoint's own tokenizer; the vendored BPE only without one.
+    if text_cfg.clip_tokenizer:
+      folder = tokenizers.resolve_clip_tokenizer(text_cfg.clip_tokenizer)
+    else:
+      folder = tokenizers.find_clip_tokenizer(text_cfg.clip_path)
+    self.clip_tokenizer_folder = str(folder or "")
+    self.clip_tok = tokenizers.load_clip_tokenizer(folder or None)
+    tokenizers.check_vocab(
+      len(self.clip_tok),
+      clip_cfg.text.vocab_size,
+      str(folder) if folder else "OpenAI BPE (vendored)",
+      f"text.clip_path ({text_cfg.clip_path})",
     )
     self.t5_tok = tokenizers.load_t5_tokenizer(
       text_cfg.t5_tokenizer or text_cfg.t5_path
     )
-    self.reward_tok = tokenizers.load_clip_tokenizer(
-      text_cfg.reward_tokenizer or None
-    )
+    self.rewards = dict(rewards or {})
+    self.reward_toks = {n: s.tokenizer() for n, s in self.rewards.items()}
     clip_def, clip_params = nnx.split(clip)
     t5_def, t5_params = nnx.split(t5)
     self._params = (clip_params, t5_params)
-    out_dtype = jnp.dtype(text_cfg.cache_dtype)
+    out_dtype = jnp.dtype(text_cfg.cache_dtype if cache else jnp.float32)
 
     @jax.jit
     def encode(params, clip_ids, t5_ids):
@@ -214,18 +234,32 @@ class TextEncoders:
 
     self._encode = encode
 
+  @classmethod
+  def for_config(cls, config) -> TextEncoders:
+    """The encoders of a run config, with its rewards' tokenizers."""
+    from leapalign_jax.rewards import text
+
+    specs = text.specs(config.rewards, config.text.reward_max_length)
+    return cls(config.text, specs)
+
   def identity(self) -> dict[str, Any]:
     """What makes two caches compatible: encoders, tokenizers, lengths."""
     c = self.cfg
     return {
       "clip": fingerprint(c.clip_path),
       "t5": fingerprint(c.t5_path),
-      "clip_tokenizer": c.clip_tokenizer or "vendored-openai-bpe",
+      "clip_tokenizer": _tokenizer_id(self.clip_tokenizer_folder),
       "t5_tokenizer": fingerprint(c.t5_tokenizer or c.t5_path),
-      "reward_tokenizer": c.reward_tokenizer or "vendored-openai-bpe",
       "t5_max_length": int(c.t5_max_length),
       "clip_max_length": int(c.clip_max_length),
-      "reward_max_length": int(c.reward_max_length),
+      "rewards": {
+        n: {
+          "style": s.style,
+          "tokenizer": _tokenizer_id(s.folder),
+          "length": s.length,
+        }
+        for n, s in self.rewards.items()
+      },
       "dtype": str(c.cache_dtype),
     }
 
@@ -238,9 +272,6 @@ class TextEncoders:
       self.clip_tok, prompts, c.clip_max_length
     )
     t5_ids = tokenizers.tokenize_t5(self.t5_tok, prompts, c.t5_max_length)
-    reward_ids = tokenizers.tokenize_clip(
-      self.reward_tok, prompts, c.reward_max_length
-    )
     n, bs = len(prompts), int(c.batch_size)
     t5_out, clip_out = [], []
     for start in range(0, n, bs):
@@ -253,11 +284,20 @@ class TextEncoders:
       t5_e, clip_e = self._encode(self._params, a, b)
       t5_out.append(np.asarray(t5_e)[: bs - pad])
       clip_out.append(np.asarray(clip_e)[: bs - pad])
-    return {
+    out = {
       "t5": np.concatenate(t5_out),
       "clip_pooled": np.concatenate(clip_out),
-      "reward_ids": reward_ids.astype(np.int32),
     }
+    for name, tokenize in self.reward_toks.items():
+      out[data.ids_field(name)] = tokenize(prompts).astype(np.int32)
+    return out
+
+
+def _tokenizer_id(folder: str) -> str:
+  """A tokenizer folder's fingerprint, or the vendored BPE's name."""
+  from leapalign_jax.rewards.text import VENDORED
+
+  return fingerprint(folder) if folder else VENDORED
 
 
 def embed(
@@ -342,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
       load_config(args.config, args.overrides), ("text",)
     )
     records = read_prompts(args.prompts)
-    encoders = TextEncoders(config.text)
+    encoders = TextEncoders.for_config(config)
     out = staging.local_path(args.out) if "://" in args.out else args.out
     counts.update(embed(encoders, records, out, shard_size=args.shard_size))
     if "://" in args.out:  # the whole cache, then it counts as staged here

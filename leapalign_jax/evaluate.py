@@ -7,9 +7,15 @@ samples ``eval.num_prompts`` prompts of ``data.eval_cache`` ×
 checkpoint, scores them with every configured reward (and the world's
 held-out evaluator, if it has one) and writes ``eval/<tag>/``: one PNG per
 image, ``samples.jsonl`` (file, prompt, seed, attributes, scores),
-``eval.json`` (means and standard deviations) and ``grid.png``. The noise of
-image ``j`` of prompt ``i`` depends only on ``(eval.seed, i, j)``, so any
-checkpoint and any batch size see the same noise.
+``eval.json`` (means and standard deviations) and ``grid.png``.
+
+Seeds: image ``j`` of held-out prompt ``i`` has the seed
+``eval.seed + i * eval.images_per_prompt + j`` (``image_seed``; written to
+``samples.jsonl``), and an image's initial noise is a function of its seed
+alone (``sampling.seed_noise``), as in ``leapalign_jax.sample``: any
+checkpoint and any batch size see the same noise, and
+``python -m leapalign_jax.sample --prompt <its prompt> --seed <its seed>``
+with the same config and weights draws the same image.
 """
 
 from __future__ import annotations
@@ -21,16 +27,14 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from leapalign_jax import data, errors, fileio, images, sharding
+from leapalign_jax import data, errors, fileio, images, sampling, sharding
 
 
-def _keys(seed: int, pairs: list[tuple[int, int]]) -> np.ndarray:
-  root = jax.random.key(seed)
-  keys = [jax.random.fold_in(jax.random.fold_in(root, i), j) for i, j in pairs]
-  return np.asarray(jax.random.key_data(jnp.stack(keys)))
+def image_seed(seed: int, prompt_index: int, image: int, per_prompt: int):
+  """The seed of image ``image`` of held-out prompt ``prompt_index``."""
+  return int(seed) + prompt_index * per_prompt + image
 
 
 def generate(
@@ -44,7 +48,10 @@ def generate(
   images_per_prompt: int = 1,
 ) -> np.ndarray:
   """Images ``[len(indices) * images_per_prompt, H, W, 3]`` in ``[-1, 1]``."""
-  pairs = [(i, j) for i in indices for j in range(images_per_prompt)]
+  per = images_per_prompt
+  pairs = [
+    (i, image_seed(seed, i, j, per)) for i in indices for j in range(per)
+  ]
   bs = int(comps.config.eval.batch_size)
   sample = comps.sample_fn(num_steps)
   out = []
@@ -53,9 +60,10 @@ def generate(
     pad = bs - len(chunk)
     chunk_p = chunk + [chunk[-1]] * pad  # one compiled shape
     rows = [cache[i] for i, _ in chunk_p]
-    batch = {k: np.stack([r[k] for r in rows]) for k in data.FIELDS}
+    batch = {k: np.stack([r[k] for r in rows]) for k in data.TEXT_FIELDS}
     batch = sharding.put_global(batch, comps.mesh)
-    keys = sharding.put_global({"k": _keys(seed, chunk_p)}, comps.mesh)["k"]
+    keys = sampling.seed_keys([s for _, s in chunk_p])
+    keys = sharding.put_global({"k": keys}, comps.mesh)["k"]
     imgs = sharding.to_host(sample(params, comps.frozen, batch, keys))
     out.append(imgs[: len(chunk)])
   return np.concatenate(out)
@@ -70,20 +78,27 @@ def score(
   # The rewards clip silently inside jit; a wrong value range (e.g. [0, 1]
   # or [0, 255] images) must fail here instead of being scored.
   rewards.check_images(imgs)
-  ids = np.stack(
-    [cache[i]["reward_ids"] for i in indices for _ in range(per_prompt)]
-  )
+  # Each reward's own ids (rewards/text.py), one row per image.
+  fields = [data.ids_field(n) for n in comps.reward.tokenizers]
+  rows = [cache[i] for i in indices]
+  ids = {
+    f: np.repeat(np.stack([r[f] for r in rows]), per_prompt, 0) for f in fields
+  }
   fn = comps.reward_each_fn()
   bs = int(comps.config.eval.batch_size)
   out: dict[str, list] = {}
   for start in range(0, len(imgs), bs):
-    x, t = imgs[start : start + bs], ids[start : start + bs]
-    pad = bs - len(x)
+    chunk = {"x": imgs[start : start + bs]}
+    chunk.update({f: v[start : start + bs] for f, v in ids.items()})
+    pad = bs - len(chunk["x"])
     if pad:
-      x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
-      t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
-    placed = sharding.put_global({"x": x, "t": t}, comps.mesh)
-    scores = fn(comps.frozen["reward"], placed["x"], placed["t"])
+      chunk = {
+        k: np.concatenate([v, np.repeat(v[-1:], pad, 0)])
+        for k, v in chunk.items()
+      }
+    placed = sharding.put_global(chunk, comps.mesh)
+    x = placed.pop("x")
+    scores = fn(comps.frozen["reward"], x, data.reward_ids(placed))
     for name, v in scores.items():
       out.setdefault(name, []).append(sharding.to_host(v)[: bs - pad])
   return {k: np.concatenate(v) for k, v in out.items()}
@@ -162,7 +177,7 @@ def _write_files(
       {
         "file": name,
         "prompt_index": i,
-        "seed": [int(seed), i, j],
+        "seed": image_seed(seed, i, j, per),  # sample --seed draws it again
         **rec,
         **{f"reward/{n}": float(v[k]) for n, v in scores.items()},
       }

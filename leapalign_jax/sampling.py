@@ -21,7 +21,7 @@ the gradient of their inputs, so they may sit inside a differentiated function
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -108,6 +108,41 @@ def get_noise(
   """Standard normal VAE-latent noise, NHWC ``[B, 2⌈H/16⌉, 2⌈W/16⌉, 16]``."""
   shape = (num_samples, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
   return jax.random.normal(key, (*shape, 16), dtype=dtype)
+
+
+# Seeds name images: ``jax.random.key(seed)`` takes any 32-bit unsigned int.
+MAX_SEED = 2**32 - 1
+
+
+def seed_keys(seeds: Sequence[int]) -> np.ndarray:
+  """Key data ``[N, 2]`` uint32 of ``jax.random.key(seed)`` per seed.
+
+  Raises:
+    ValueError: for a seed outside ``[0, MAX_SEED]``.
+  """
+  bad = [s for s in seeds if not 0 <= int(s) <= MAX_SEED]
+  if bad:
+    raise ValueError(f"seeds must lie in [0, {MAX_SEED}]; got {bad[:3]}")
+  keys = [jax.random.key_data(jax.random.key(int(s))) for s in seeds]
+  return np.asarray(keys, np.uint32).reshape(len(keys), -1)
+
+
+def seed_noise(
+  keys_N2: jax.Array, latent_shape: tuple[int, int, int]
+) -> jax.Array:
+  """Packed initial noise ``[N, L, 4C]``, one image per key.
+
+  Row ``n`` is ``pack(normal(key_n, [1, h, w, C]))[0]`` for the latent
+  ``latent_shape = (h, w, C)``: a function of the image's seed alone
+  (``seed_keys``), whatever its prompt, its place in a list or the batch.
+  ``leapalign_jax.sample`` and evaluation draw noise only through here.
+  """
+
+  def one(key_data):
+    key = jax.random.wrap_key_data(key_data)
+    return pack(jax.random.normal(key, (1, *latent_shape), jnp.float32))[0]
+
+  return jax.vmap(one)(jnp.asarray(keys_N2))
 
 
 def pack(z_BHWC: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ state:  ``{params, ema, opt_state, step, rng}`` (trainable params only: the
         full Flux, or its LoRA adapters), donated.
 frozen: ``{flux, vae, reward}`` parameter pytrees that receive no gradient
         (``flux`` is the LoRA base, or empty for a full fine-tune).
-batch:  ``{t5, clip_pooled, reward_ids}`` for the global batch.
+batch:  ``{t5, clip_pooled, reward_ids/<name>...}`` for the global batch.
 choice: the method's host-drawn indices, traced int32 scalars.
 
 Inside: noise from ``fold_in(rng, step)`` → the method's rollout + gradient

@@ -5,13 +5,16 @@ turned into int32 numpy arrays padded to a fixed length exactly as diffusers'
 `FluxPipeline` does (`padding="max_length"`, `truncation=True`): CLIP to 77
 tokens padded with `<|endoftext|>`, T5 to 512 (dev) or 256 (schnell) tokens
 padded with `<pad>` (id 0) after `</s>` (id 1). No attention masks: Flux
-attends to the padding.
+attends to the padding. Rewards trained with OpenCLIP tokenise with
+`openclip_tokenizer` instead (`rewards/text.py` picks each reward's).
 
 Sources:
   * CLIP: a local HF folder (the `tokenizer/` folder of a Flux snapshot, or the
-    snapshot root), or, offline, the vendored OpenAI BPE merges file
-    `assets/bpe_simple_vocab_16e6.txt.gz`, from which the 49,408-token
-    vocabulary is rebuilt in memory.
+    snapshot root; `find_clip_tokenizer` finds the one that belongs to a
+    checkpoint), or, only when the checkpoint has none, the vendored OpenAI
+    BPE merges file `assets/bpe_simple_vocab_16e6.txt.gz`, from which the
+    49,408-token vocabulary is rebuilt in memory. `check_vocab` refuses a
+    vocabulary of another size than the encoder's embedding table.
   * T5: a local HF folder (`tokenizer_2/` of a snapshot, or the root), or a
     small sentencepiece unigram model trained with `train_t5_tokenizer` (the
     digits world's T5 vocabulary).
@@ -32,7 +35,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import transformers
 
-from leapalign_jax.errors import require_local
+from leapalign_jax.errors import UserError, require_local
 
 _LOG = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
   """The 256 printable stand-ins of byte-level BPE, in vocabulary order.
 
   Bytes that are printable Latin-1 characters stand for themselves; the
@@ -67,8 +70,18 @@ def _byte_symbols() -> list[str]:
   return [chr(c) for c in code_points]
 
 
+def byte_encoder() -> list[str]:
+  """Byte value -> its stand-in symbol (``byte_symbols`` by byte value)."""
+  symbols = byte_symbols()
+  # The printable bytes stand for themselves; the others, in byte order,
+  # take the code points from 256 up (``byte_symbols`` lists them last).
+  printable = {s for s in symbols if ord(s) < 256}
+  others = iter(s for s in symbols if ord(s) >= 256)
+  return [chr(b) if chr(b) in printable else next(others) for b in range(256)]
+
+
 @functools.lru_cache(maxsize=1)
-def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str]]]:
+def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str]]]:
   """Rebuilds the CLIP vocabulary (token -> id) and merges from the asset."""
   with gzip.open(_BPE_PATH, "rt", encoding="utf-8") as f:
     lines = f.read().split("\n")
@@ -76,7 +89,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str]]]:
   merges = tuple(tuple(line.split()) for line in lines[1 : 1 + _NUM_MERGES])
   if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
     raise ValueError(f"{_BPE_PATH}: malformed CLIP BPE merges file.")
-  symbols = _byte_symbols()
+  symbols = byte_symbols()
   tokens = [
     *symbols,
     *(s + "</w>" for s in symbols),
@@ -85,6 +98,53 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str]]]:
     _EOS,
   ]
   return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _has_clip_tokenizer(folder: pathlib.Path) -> bool:
+  return (folder / "tokenizer.json").is_file() or (
+    (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+  )
+
+
+def find_clip_tokenizer(path: str | os.PathLike) -> pathlib.Path | None:
+  """The tokenizer folder that belongs to a CLIP checkpoint, if it has one.
+
+  Looked for, in order: ``path/tokenizer/`` (a Flux or pipeline snapshot
+  root), ``path`` itself (a transformers CLIP folder saved with its
+  tokenizer, e.g. PickScore_v1) and, for a snapshot's ``text_encoder/``
+  folder, its sibling ``tokenizer/``. None for a single file or a folder
+  without one: the caller then uses the vendored OpenAI BPE.
+  """
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    return None
+  candidates = [path / "tokenizer", path]
+  if path.name == "text_encoder":
+    candidates.append(path.parent / "tokenizer")
+  return next((c for c in candidates if _has_clip_tokenizer(c)), None)
+
+
+def resolve_clip_tokenizer(path: str | os.PathLike) -> pathlib.Path:
+  """``path/tokenizer`` for a snapshot root, else ``path`` itself."""
+  return _resolve(path, "tokenizer")
+
+
+def check_vocab(size: int, rows: int, tokenizer: str, encoder: str) -> None:
+  """Refuses a tokenizer whose vocabulary is not the encoder's table.
+
+  An id past the table would be clipped silently by the embedding lookup,
+  and a table of another size means another vocabulary.
+
+  Raises:
+    UserError: one line naming both sides and their sizes.
+  """
+  if size != rows:
+    raise UserError(
+      f"the tokenizer {tokenizer} has {size} tokens but the text encoder "
+      f"{encoder} embeds {rows}: they do not belong together; give the "
+      "checkpoint its own tokenizer files (or set text.clip_tokenizer for "
+      "Flux's CLIP)"
+    )
 
 
 def _resolve(path: str | os.PathLike, subfolder: str) -> pathlib.Path:
@@ -111,11 +171,11 @@ def load_clip_tokenizer(
     A `CLIPTokenizer` with `model_max_length` 77 and `<|endoftext|>` padding.
   """
   if path is not None:
-    folder = _resolve(path, "tokenizer")
+    folder = resolve_clip_tokenizer(path)
     return transformers.CLIPTokenizer.from_pretrained(
       str(folder), local_files_only=True
     )
-  vocab, merges = _clip_vocab_and_merges()
+  vocab, merges = clip_vocab_and_merges()
   return transformers.CLIPTokenizer(
     vocab=dict(vocab),
     merges=list(merges),
@@ -151,7 +211,7 @@ def write_clip_vocab_files(out_dir: str | os.PathLike) -> pathlib.Path:
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  vocab, merges = _clip_vocab_and_merges()
+  vocab, merges = clip_vocab_and_merges()
   config = {
     "tokenizer_class": "CLIPTokenizer",
     "model_max_length": CLIP_MAX_LENGTH,
@@ -291,7 +351,14 @@ def _tokenize(
     truncation=True,
   )["input_ids"]
   full = tok(prompts, padding=False, truncation=False, verbose=False)
-  lengths = [len(x) for x in full["input_ids"]]
+  warn_truncated(name, prompts, [len(x) for x in full["input_ids"]], max_length)
+  return np.asarray(ids, dtype=np.int32).reshape(len(prompts), max_length)
+
+
+def warn_truncated(
+  name: str, prompts: Sequence[str], lengths: Sequence[int], max_length: int
+) -> None:
+  """One warning for all the prompts of a call that were cut."""
   over = [i for i, n in enumerate(lengths) if n > max_length]
   if over:
     _LOG.warning(
@@ -304,7 +371,6 @@ def _tokenize(
       max(lengths),
       prompts[over[0]][:80],
     )
-  return np.asarray(ids, dtype=np.int32).reshape(len(prompts), max_length)
 
 
 def tokenize_clip(

@@ -91,11 +91,15 @@ def _explicit_paths(world: str, flux: str) -> list[str]:
 
 
 def _text(world: str) -> list[str]:
-  """``key=value`` overrides pointing the text encoders at the world."""
+  """``key=value`` overrides pointing the text encoders at the world.
+
+  The reward's path too: each reward's ids come from its own tokenizer.
+  """
   return [
     f"text.clip_path={world}/text_encoder",
     f"text.t5_path={world}/text_encoder_2",
     f"text.t5_tokenizer={world}/tokenizer_2",
+    f"rewards.clip.path={world}/reward_clip",
   ]
 
 

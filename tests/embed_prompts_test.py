@@ -8,11 +8,16 @@ import textwrap
 
 import numpy as np
 import pytest
+import tiny_tokenizer
 from flax import nnx
 
 from leapalign_jax import data, defaults, embed_prompts, tokenizers
 from leapalign_jax.convert import export_clip, export_t5
+from leapalign_jax.errors import UserError
 from leapalign_jax.models import clip, t5
+from leapalign_jax.openclip_tokenizer import load as load_openclip
+from leapalign_jax.rewards.text import RewardText
+from leapalign_jax.worlds import random_world
 
 PROMPTS = [
   f"a {c} digit {d} on the left"
@@ -21,15 +26,18 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def text_cfg(tmp_path_factory):
-  root = tmp_path_factory.mktemp("encoders")
-  tokenizers.train_t5_tokenizer(
-    PROMPTS, str(root / "tokenizer_2"), vocab_size=64
-  )
+# Two rewards that read text: transformers' tokenizer and OpenCLIP's.
+REWARDS = {
+  "clip": RewardText("clip", "hf", "", 16, 49408, "test"),
+  "hps": RewardText("hps", "openclip", "", 16, 49408, "test"),
+}
+
+
+def clip_text(vocab, path):
+  """A tiny CLIP-L-like text encoder with ``vocab`` rows, saved."""
   text = clip.CLIPConfig(
     clip.CLIPTextConfig(
-      vocab_size=49408,
+      vocab_size=vocab,
       hidden_size=16,
       intermediate_size=32,
       num_hidden_layers=1,
@@ -39,7 +47,17 @@ def text_cfg(tmp_path_factory):
     None,
     None,
   )
-  export_clip(clip.CLIP(text, rngs=nnx.Rngs(0)), str(root / "text_encoder"))
+  export_clip(clip.CLIP(text, rngs=nnx.Rngs(0)), str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def text_cfg(tmp_path_factory):
+  root = tmp_path_factory.mktemp("encoders")
+  tokenizers.train_t5_tokenizer(
+    PROMPTS, str(root / "tokenizer_2"), vocab_size=64
+  )
+  clip_text(49408, root / "text_encoder")
   t5_cfg = t5.T5EncoderConfig(
     vocab_size=128, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4
   )
@@ -63,7 +81,7 @@ def text_cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoders(text_cfg):
-  return embed_prompts.TextEncoders(text_cfg)
+  return embed_prompts.TextEncoders(text_cfg, REWARDS)
 
 
 def cache_arrays(folder):
@@ -85,8 +103,13 @@ def test_embeddings_have_the_manifest_shapes(encoders, tmp_path):
   manifest, arrays = cache_arrays(out)
   assert arrays["t5"].shape == (8, 12, 16)
   assert arrays["clip_pooled"].shape == (8, 16)
-  assert arrays["reward_ids"].shape == (8, 16)
-  assert arrays["reward_ids"][0, 0] == 49406  # real CLIP ids
+  assert arrays["reward_ids/clip"].shape == (8, 16)
+  assert arrays["reward_ids/clip"][0, 0] == 49406  # real CLIP ids
+  # Each reward's own tokenizer: OpenCLIP's pads with zeros.
+  np.testing.assert_array_equal(
+    arrays["reward_ids/hps"], load_openclip()(PROMPTS, 16)
+  )
+  assert manifest["encoders"]["rewards"]["hps"]["style"] == "openclip"
   assert [r["prompt"] for r in manifest["records"]] == PROMPTS
   assert [s["count"] for s in manifest["shards"]] == [3, 3, 2]
   # Batching does not change the numbers (padding to the fixed batch).
@@ -143,6 +166,42 @@ def test_refuses_other_encoders(encoders, tmp_path):
   other = dict(encoders.identity(), t5_max_length=99)
   with pytest.raises(data.CacheError, match="other encoders"):
     data.CacheWriter(out, other)
+
+
+def test_old_cache_format_is_refused_in_one_line(encoders, tmp_path):
+  out = str(tmp_path / "old")
+  embed_prompts.embed(encoders, [{"prompt": "a"}], out, progress=False)
+  path = os.path.join(out, data.MANIFEST)
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest["version"] = 1
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(data.CacheError, match="re-embed the prompts") as e:
+    data.PromptCache(out)
+  assert "\n" not in str(e.value)
+  # A world's own cache is rebuilt instead (it derives from the world).
+  assert not random_world._complete(out, [{"prompt": "a"}])
+  assert not os.path.exists(out)
+
+
+def test_the_clip_checkpoints_own_tokenizer_is_used(text_cfg, tmp_path):
+  # A snapshot whose CLIP has another vocabulary, with its tokenizer/.
+  snap = tmp_path / "snap"
+  tiny_tokenizer.write(snap / "tokenizer")
+  cfg = defaults.base().text
+  cfg.update(dict(text_cfg))
+  cfg.clip_path = clip_text(tiny_tokenizer.SIZE, snap / "text_encoder")
+  enc = embed_prompts.TextEncoders(cfg)
+  assert enc.clip_tokenizer_folder == str(snap / "tokenizer")
+  ids = tokenizers.tokenize_clip(enc.clip_tok, ["a cat"], 16)
+  assert ids[0, :4].tolist() == [514, 320, 513, 515]
+  assert enc(["a cat"])["clip_pooled"].shape == (1, 16)
+  # Without its tokenizer, the vendored BPE does not fit that table.
+  cfg.clip_path = clip_text(tiny_tokenizer.SIZE, tmp_path / "bare")
+  with pytest.raises(UserError, match="49408 tokens .* embeds 516") as e:
+    embed_prompts.TextEncoders(cfg)
+  assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -224,6 +283,9 @@ def test_cli_with_tfds_source(text_cfg, tmp_path):
     def get_config():
       c = defaults.base()
       c.text.update({dict(text_cfg)!r})
+      # Any checkpoint with a text tower of the right size names the
+      # reward's vocabulary (embed reads no reward weights).
+      c.rewards.hpsv2.path = {text_cfg.clip_path!r}
       return c
   """)
   )

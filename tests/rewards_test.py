@@ -167,6 +167,24 @@ def test_weighted_sum_and_jit_with_params_as_arguments(all_rewards, each_fn):
   )
 
 
+def test_each_reward_reads_its_own_ids(all_rewards, each_fn, files):
+  """A weighted sum feeds every reward the ids of its own tokenizer."""
+  r, x = all_rewards, make_images()
+  assert r.tokenizers == {"hpsv2": "openclip", "pickscore": "hf", "clip": "hf"}
+  ids = {n: make_ids(seed=k) for k, n in enumerate(r.tokenizers)}
+  got = {k: np.asarray(v) for k, v in each_fn(r.params, x, ids).items()}
+  for n in r.tokenizers:  # one array for all: only n's entry is n's ids
+    want = np.asarray(each_fn(r.params, x, ids[n])[n])
+    np.testing.assert_allclose(got[n], want, rtol=1e-6, atol=1e-7)
+  other = np.asarray(each_fn(r.params, x, ids["hpsv2"])["pickscore"])
+  assert not np.allclose(got["pickscore"], other)
+  total = np.asarray(jax.jit(r.score)(r.params, x, ids))
+  want = sum(w * got[n] for n, w in zip(r.names, r.weights))
+  np.testing.assert_allclose(total, want, rtol=1e-6, atol=1e-6)
+  oc = rewards.get("oc", kind="clip", path=files["openclip"])
+  assert oc.tokenizers == {"oc": "openclip"}  # an OpenCLIP-layout file
+
+
 def test_gradients_reach_the_images_not_the_params(all_rewards):
   r, x, ids = all_rewards, jnp.asarray(make_images()), jnp.asarray(make_ids())
   for name in r.names:

@@ -7,6 +7,7 @@ same initial noise, same steps: the text embeddings and the final images
 must agree.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -23,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 import torch_refs  # noqa: E402
 
-from leapalign_jax import defaults, embed_prompts, sampling  # noqa: E402
+from leapalign_jax import defaults, embed_prompts, sample, sampling  # noqa: E402
 from leapalign_jax.convert import load_autoencoder, load_flux  # noqa: E402
 from leapalign_jax.models.autoencoder import decode_fn  # noqa: E402
 from leapalign_jax.sample import make_sampler, noise_for  # noqa: E402
@@ -73,42 +75,51 @@ def test_text_embeddings_match_pipeline(pipeline_dir):
 
 
 def test_images_match_pipeline(pipeline_dir):
+  """The public call (``sample.Sampler``) against the pipeline."""
   root, pipe = pipeline_dir
-  config = text_config(root)
-  text = embed_prompts.TextEncoders(config.text)(PROMPTS)
+  sampler = sample.Sampler(text_config(root))
+  out = sampler(
+    PROMPTS,
+    seeds=[0, 1],
+    num_steps=STEPS,
+    guidance=3.5,
+    return_latents=True,
+    batch_size=2,
+  )
+  x1 = noise_for([0, 1], sampler.latent_shape(SIZE, SIZE))
+  kwargs = dict(
+    height=SIZE,
+    width=SIZE,
+    num_inference_steps=STEPS,
+    guidance_scale=3.5,
+    latents=torch.from_numpy(np.array(x1)),
+    max_sequence_length=T5_LEN,
+  )
+  with torch.no_grad():
+    ref = pipe(PROMPTS, output_type="np", **kwargs).images
+    ref_z = pipe(PROMPTS, output_type="latent", **kwargs).images
+  assert out.images.shape == ref.shape
+  err = float(np.max(np.abs(out.images - ref)))
+  assert err < 2e-5, err
+  # The returned latents are the decoder's input (the pipeline's packed
+  # "latent" output).
+  z = np.asarray(sampling.pack(jnp.asarray(out.latents)))
+  np.testing.assert_allclose(z, ref_z.numpy(), atol=2e-5, rtol=0)
+  # The same images from make_sampler, the jitted function evaluation uses.
+  text = embed_prompts.TextEncoders(text_config(root).text)(PROMPTS)
   _, flux = load_flux(root)
   ae_cfg, ae = load_autoencoder(root)
   decode, vae_params = decode_fn(ae)
   graphdef, params = nnx.split(flux, nnx.Param)
-  lh, lw, zc = ae_cfg.latent_shape(SIZE, SIZE)
-  sampler = make_sampler(graphdef, decode, (lh // 2, lw // 2), 3.5)
+  lh, lw, _ = ae_cfg.latent_shape(SIZE, SIZE)
+  fn = make_sampler(graphdef, decode, (lh // 2, lw // 2), 3.5)
   sigmas = sampling.get_schedule(STEPS, (lh // 2) * (lw // 2))
-  x1 = noise_for([0, 0], [0, 1], (lh, lw, zc))
-  ours = np.asarray(
-    sampler(
-      params,
-      vae_params,
-      text["t5"],
-      text["clip_pooled"],
-      x1,
-      jnp.asarray(sigmas),
-    )
+  ours = fn(
+    params, vae_params, text["t5"], text["clip_pooled"], x1, jnp.asarray(sigmas)
   )
-  with torch.no_grad():
-    ref = pipe(
-      PROMPTS,
-      height=SIZE,
-      width=SIZE,
-      num_inference_steps=STEPS,
-      guidance_scale=3.5,
-      latents=torch.from_numpy(np.array(x1)),
-      max_sequence_length=T5_LEN,
-      output_type="np",
-    ).images
-  ours01 = np.clip((ours + 1) / 2, 0, 1)
-  assert ours01.shape == ref.shape
-  err = float(np.max(np.abs(ours01 - ref)))
-  assert err < 2e-5, err
+  np.testing.assert_allclose(
+    (np.asarray(ours) + 1) / 2, out.images, atol=1e-6, rtol=0
+  )
 
 
 def test_sample_command_writes_pngs(pipeline_dir, tmp_path):
@@ -150,6 +161,11 @@ def test_sample_command_writes_pngs(pipeline_dir, tmp_path):
       str(out),
       "--num-steps",
       "2",
+      "--height",
+      str(SIZE),
+      "--guidance",
+      "2.0",
+      "--save-npy",
     ],
     capture_output=True,
     text=True,
@@ -157,10 +173,28 @@ def test_sample_command_writes_pngs(pipeline_dir, tmp_path):
   )
   assert r.returncode == 0, r.stderr[-2000:]
   files = sorted(os.listdir(out))
+  stems = [f"prompt{i:03d}_seed{s}" for i in (0, 1) for s in (0, 1)]
   assert files == sorted(
-    ["grid.png"]
-    + [f"prompt{i:03d}_seed{s}.png" for i in (0, 1) for s in (0, 1)]
+    ["grid.png", "samples.jsonl"]
+    + [s + ".png" for s in stems]
+    + [s + ".npy" for s in stems]
   )
+  lines = [
+    json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()
+  ]
+  assert lines[3] == {
+    "file": "prompt001_seed1.png",
+    "prompt": PROMPTS[1],
+    "seed": 1,
+    "height": SIZE,
+    "width": SIZE,
+    "num_steps": 2,
+    "guidance": 2.0,
+  }
+  x = np.load(out / "prompt001_seed1.npy")
+  png = np.asarray(Image.open(out / "prompt001_seed1.png"))
+  assert x.dtype == np.float32 and x.shape == (SIZE, SIZE, 3)
+  assert np.abs(np.rint(x * 255) - png).max() <= 1
   r = subprocess.run(
     [
       sys.executable,

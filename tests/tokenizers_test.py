@@ -1,16 +1,28 @@
-"""Tests of the CLIP / T5 tokenizers and their Flux-style padding."""
+"""Tests of the CLIP / T5 tokenizers and their Flux-style padding.
+
+The reward tokenizers are checked id for id on a varied prompt set
+(``tokenizer_prompts``: curly quotes, HTML entities, width forms,
+mis-encoded text, ligatures, control characters, scripts, special-token
+spellings, prompts over 77 tokens) against the references the rewards were
+trained with: ``open_clip.tokenize`` (HPSv2) and transformers'
+``CLIPTokenizer`` (PickScore, Flux's CLIP-L).
+"""
 
 import functools
 import gzip
+import importlib.util
 import logging
+import os
 
 import numpy as np
 import pytest
 import regex
 import sentencepiece as spm
+import tiny_tokenizer
+import tokenizer_prompts
 import transformers
 
-from leapalign_jax import tokenizers
+from leapalign_jax import errors, openclip_tokenizer, tokenizers
 from leapalign_jax.worlds import digits
 
 PROMPTS = [
@@ -48,7 +60,7 @@ def t5_tok(t5_dir):
 def _reference_tables():
   with gzip.open(tokenizers._BPE_PATH, "rt", encoding="utf-8") as f:
     merges = [tuple(x.split()) for x in f.read().split("\n")[1:48895]]
-  symbols = tokenizers._byte_symbols()
+  symbols = tokenizers.byte_symbols()
   vocab = symbols + [s + "</w>" for s in symbols]
   vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
   return {m: i for i, m in enumerate(merges)}, {
@@ -253,3 +265,112 @@ def test_t5_empty_vocabulary_is_refused(tmp_path):
   transformers.T5TokenizerFast(extra_ids=0).save_pretrained(tmp_path)
   with pytest.raises(ValueError, match="empty vocabulary"):
     tokenizers.load_t5_tokenizer(tmp_path)
+
+
+# ------------------------------------------------ rewards' own tokenizers --
+
+
+def _open_clip_tokenize():
+  """``open_clip.tokenize``, imported without the package.
+
+  open_clip's ``__init__`` needs torchvision, which cannot be installed
+  beside torch here; its tokenizer module needs only torch, ftfy, regex.
+  """
+  pytest.importorskip("torch")
+  spec = importlib.util.find_spec("open_clip")
+  if spec is None:
+    pytest.skip("pip install --no-deps open-clip-torch==3.3.0")
+  path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+  module_spec = importlib.util.spec_from_file_location("_oc_tok", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.tokenize
+
+
+def _mismatches(ours, want):
+  return [
+    tokenizer_prompts.PROMPTS[i]
+    for i in range(len(want))
+    if not np.array_equal(ours[i], want[i])
+  ]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("length", [77, 16])
+def test_openclip_ids_match_open_clip(length):
+  tokenize = _open_clip_tokenize()
+  prompts = tokenizer_prompts.PROMPTS
+  want = tokenize(prompts, context_length=length).numpy()
+  ours = openclip_tokenizer.tokenize_openclip(
+    openclip_tokenizer.load(), prompts, length
+  )
+  assert ours.dtype == np.int32 and ours.shape == want.shape
+  assert _mismatches(ours, want) == []
+  # Over-length prompts keep the end-of-text token last.
+  eot = openclip_tokenizer.load().eot_id
+  long = [i for i, p in enumerate(prompts) if (ours[i] != 0).all()]
+  assert long and all(ours[i, -1] == eot for i in long)
+
+
+@pytest.mark.torch
+def test_transformers_ids_differ_from_open_clip_on_this_set():
+  """Why HPSv2 needs its own tokenizer: the HF ids differ on many prompts."""
+  tokenize = _open_clip_tokenize()
+  prompts = tokenizer_prompts.PROMPTS
+  hf = tokenizers.tokenize_clip(tokenizers.load_clip_tokenizer(), prompts)
+  # Compare up to the EOS only: the paddings differ by design (0 vs EOS).
+  want = tokenize(prompts).numpy()
+  hf = np.where(want == 0, 0, hf)
+  assert len(_mismatches(hf, want)) >= 100  # 129 of 215 when written
+
+
+def test_transformers_ids_match_clip_tokenizer(tmp_path):
+  """The hf style (PickScore, Flux's CLIP-L) is transformers' tokenizer as
+  a checkpoint folder loads it (``AutoTokenizer``), EOS last when cut."""
+  prompts = tokenizer_prompts.PROMPTS
+  folder = tokenizers.write_clip_vocab_files(tmp_path / "tokenizer")
+  ref = transformers.AutoTokenizer.from_pretrained(folder)
+  want = ref(
+    prompts, padding="max_length", max_length=77, truncation=True
+  ).input_ids
+  ours = tokenizers.tokenize_clip(tokenizers.load_clip_tokenizer(), prompts)
+  assert _mismatches(ours, np.asarray(want)) == []
+  cut = [
+    i
+    for i, p in enumerate(prompts)
+    if len(ref(p).input_ids) > 77  # over-length prompts
+  ]
+  assert len(cut) >= 8 and all(ours[i, -1] == 49407 for i in cut)
+
+
+def test_openclip_cleaning_and_special_tokens():
+  clean = openclip_tokenizer.clean
+  assert clean("salt &amp;amp; pepper") == "salt & pepper"
+  assert clean("it\u2019s a \u201ccat\u201d") == 'it\'s a "cat"'
+  assert clean("\ufb01sh \uff54\uff45\uff58\uff54") == "fish text"
+  assert clean("\u039f\u0394\u039f\u03a3") == "\u03bf\u03b4\u03bf\u03c2"
+  assert clean("caf\u00c3\u00a9  \n bar\x07") == "caf\u00e9 bar"
+  tok = openclip_tokenizer.load()
+  assert len(tok) == 49408 and (tok.sot_id, tok.eot_id) == (49406, 49407)
+  ids = tok(["a photo of a cat"], 10)[0].tolist()
+  assert ids == [49406, 320, 1125, 539, 320, 2368, 49407, 0, 0, 0]
+  # OpenCLIP spells its specials <start_of_text> / <end_of_text>; a literal
+  # <|endoftext|> is text there (transformers ends the prompt at it).
+  assert tok(["<end_of_text>"], 4)[0].tolist() == [49406, 49407, 49407, 0]
+  text_eos = tok(["<|endoftext|>"], 8)[0]
+  assert text_eos[1] != 49407 and 49407 in text_eos[2:]
+
+
+def test_tokenizer_found_next_to_a_checkpoint(tmp_path):
+  snap = tmp_path / "snap"
+  (snap / "text_encoder").mkdir(parents=True)
+  assert tokenizers.find_clip_tokenizer(snap) is None
+  assert tokenizers.find_clip_tokenizer(tmp_path / "missing") is None
+  tiny_tokenizer.write(snap / "tokenizer")
+  for path in (snap, snap / "text_encoder", snap / "tokenizer"):
+    assert tokenizers.find_clip_tokenizer(path) == snap / "tokenizer"
+  folder = tmp_path / "pickscore"  # a transformers folder with its own
+  tiny_tokenizer.write(folder)
+  assert tokenizers.find_clip_tokenizer(folder) == folder
+  with pytest.raises(errors.UserError, match="514 tokens .* embeds 49408"):
+    tokenizers.check_vocab(514, 49408, str(folder), "x")

@@ -6,9 +6,11 @@
 
 Images are decoded generator outputs in [-1, 1], NHWC, any size (clipped to
 [-1, 1] inside, as the references clamp; ``check_images`` is the host-side
-range check); ``ids_BL`` are OpenAI CLIP-BPE ids padded to
-``reward.text_length`` (``tokenizers.tokenize_clip``), the same ids for every
-CLIP-family reward. Scores are pure functions of ``(params, images, ids)``,
+range check); ``ids`` are ``{name: ids_BL}``, each reward's prompt ids as
+its own tokenizer makes them (``rewards.text``: OpenCLIP's pipeline for
+``hpsv2``, transformers' ``CLIPTokenizer`` for ``pickscore``), padded to
+``reward.text_length``; one ``[B, L]`` array is given to every reward.
+Scores are pure functions of ``(params, images, ids)``,
 differentiable w.r.t. the images; the params are frozen (behind
 ``stop_gradient``) and may be passed to ``jax.jit`` sharded or replicated.
 
@@ -27,8 +29,9 @@ Options per entry: ``weight`` (default 1; 0 = evaluation only), ``kind``,
 ``path``, ``dtype`` / ``param_dtype`` (tower compute / storage; storage
 defaults to ``dtype``, the logit scale stays fp32), ``remat``,
 ``scan_layers``, ``attention``, ``hidden_act``, ``resample`` / ``saturate``
-/ ``crop`` (preprocessing, see ``preprocess``), ``scale`` (CLIP family) and
-``clip_path`` (aesthetic). Unknown options raise.
+/ ``crop`` (preprocessing, see ``preprocess``), ``scale`` and ``tokenizer``
+(CLIP family; ``rewards.text``) and ``clip_path`` (aesthetic). Unknown
+options raise.
 
 Reward checkpoints (never downloaded by the code; fetch them once):
 
@@ -62,10 +65,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from leapalign_jax.errors import UserError
-from leapalign_jax.rewards import aesthetic, clip_score
+from leapalign_jax.rewards import aesthetic, clip_score, text
 from leapalign_jax.rewards.base import Loaded, Reward, check_images
 
-__all__ = ["Reward", "build", "check_images", "get", "names"]
+__all__ = ["Reward", "build", "check_images", "get", "names", "text"]
 
 _BUILDERS = {
   "aesthetic": aesthetic.build,
@@ -73,6 +76,9 @@ _BUILDERS = {
   "hpsv2": clip_score.build_hpsv2,
   "pickscore": clip_score.build_pickscore,
 }
+# The tokenizer each reward was trained with, declared beside its scorer.
+TOKENIZERS = text.TOKENIZERS
+assert set(TOKENIZERS) == set(_BUILDERS)
 
 
 def names() -> tuple[str, ...]:
@@ -115,6 +121,7 @@ def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
     params={n: e.params for n, (_, e) in entries.items()},
     fns={n: e.fn for n, (_, e) in entries.items()},
     text_length=min(lengths) if lengths else 0,
+    tokenizers={n: e.tokenizer for n, (_, e) in entries.items() if e.tokenizer},
   )
 
 

@@ -33,6 +33,7 @@ class Loaded:
   params: Any
   fn: ScoreFn
   text_length: int  # 0: the reward reads no text
+  tokenizer: str = ""  # its style (``rewards.text``); "" reads no text
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,6 +50,8 @@ class Reward:
     fns: ``{name: (params[name], images, ids) -> r_B}``.
     text_length: the token length every text tower accepts (the shortest
       of them; CLIP's 77), 0 when no reward reads text.
+    tokenizers: ``{name: style}`` of the rewards that read text
+      (``rewards.text``): whose ids the prompt cache must hold.
   """
 
   names: tuple[str, ...]
@@ -56,6 +59,7 @@ class Reward:
   params: dict[str, Any]
   fns: Mapping[str, ScoreFn]
   text_length: int
+  tokenizers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def score_each(
     self, params, images_BHWC: jax.Array, ids_BL: jax.Array | None
@@ -66,8 +70,9 @@ class Reward:
       params: ``self.params`` (or the same tree placed on devices).
       images_BHWC: decoded images in [-1, 1], NHWC, any size; values
         outside are clipped (as the references clamp).
-      ids_BL: CLIP-BPE ids padded to ``text_length`` (None if no reward
-        reads text).
+      ids_BL: ``{name: ids_BL}``, each reward's own prompt ids padded to
+        ``text_length``; one array is given to every reward; None if no
+        reward reads text.
     """
     return {n: self._one(n, params, images_BHWC, ids_BL) for n in self.names}
 
@@ -88,6 +93,8 @@ class Reward:
       raise ValueError(
         f"reward images must be [B, H, W, 3] (NHWC); got {images_BHWC.shape}"
       )
+    if isinstance(ids_BL, Mapping):
+      ids_BL = ids_BL.get(name)
     r_B = self.fns[name](params[name], images_BHWC, ids_BL)
     return r_B.astype(jnp.float32)
 

@@ -56,7 +56,7 @@ from flax import nnx
 
 from leapalign_jax.convert import clip as convert_clip
 from leapalign_jax.convert.errors import ConversionError
-from leapalign_jax.rewards import base
+from leapalign_jax.rewards import base, text
 from leapalign_jax.rewards import preprocess as pp
 
 SCALES = ("cosine", "logit", "clipscore")
@@ -76,6 +76,9 @@ _COMMON = {
   "hidden_act": None,  # None: from the checkpoint (see convert.clip)
   "resample": pp.PICKSCORE_RESAMPLE,
   "saturate": pp.PICKSCORE_SATURATE,
+  # "" tokenises as the reward was trained (``rewards.text``); "openclip"
+  # or "hf" overrides.
+  "tokenizer": "",
 }
 
 _HINTS = {
@@ -193,9 +196,15 @@ def _build(
   base.choice(name, "resample", opts["resample"], pp.RESAMPLE_METHODS)
   if "crop" in opts:
     base.choice(name, "crop", opts["crop"], CROPS)
+  text.check_option(name, opts["tokenizer"])
   config, model = load_clip_model(
     name, path, opts, ("text", "vision"), abstract
   )
+  declared = text.TOKENIZERS[kind]
+  # Only a ``clip`` reward's style depends on the file (its layout).
+  needs_layout = declared == "checkpoint" and not opts["tokenizer"]
+  layout = _layout(path) if needs_layout and not abstract else "hf"
+  style = text.style_of(declared, opts["tokenizer"], layout)
   if config.projection_dim is None:
     raise ConversionError(
       f"rewards.{name}.path: {path} holds CLIP towers without projections "
@@ -230,7 +239,12 @@ def _build(
     logit_scale = None if scale != "logit" else clip.logit_scale[...]
     return apply_scale(cosine_B(img_BP, txt_BP), scale, logit_scale)
 
-  return base.Loaded(state, score, config.text.max_position_embeddings)
+  return base.Loaded(state, score, config.text.max_position_embeddings, style)
+
+
+def _layout(path: str) -> str:
+  """The checkpoint's layout ("hf" / "openclip"), read from its header."""
+  return convert_clip.open_checkpoint(path)[1]
 
 
 def build_hpsv2(name: str, cfg: dict, abstract: bool = False) -> base.Loaded:

@@ -270,7 +270,7 @@ def reward_config(config, opts, image_size: int):
 def _cache_arrays(folder: str) -> dict[str, np.ndarray]:
   cache = data.PromptCache(folder)
   rows = [cache[i] for i in range(len(cache))]
-  return {k: np.stack([r[k] for r in rows]) for k in data.FIELDS}
+  return {k: np.stack([r[k] for r in rows]) for k in cache.fields}
 
 
 def _train_autoencoder(opts, images: np.ndarray, seed: int, out: str, stop):
@@ -529,6 +529,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     },
   )
   text = _cache_arrays(all_cache)
+  reward_ids = random_world.trained_reward_ids(c, text)
 
   pre: list[digits.Batch] = []
 
@@ -551,7 +552,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
           config,
           opts,
           world,
-          text["reward_ids"],
+          reward_ids,
           seed + 3,
           paths["reward"],
           stop,

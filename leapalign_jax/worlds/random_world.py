@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -33,6 +35,7 @@ from leapalign_jax.worlds import digits
 
 WORLD = "world"
 IDENTITY = "world.json"
+_LOG = logging.getLogger(__name__)
 
 
 def _sizes(opts) -> dict:
@@ -195,8 +198,14 @@ def _complete(path: str, records: list[dict]) -> bool:
   False for a missing cache or one cut short (``embed`` completes it).
   """
   from leapalign_jax.components import ConfigError
+  from leapalign_jax.data import FORMAT_VERSION, MANIFEST
   from leapalign_jax.embed_prompts import dedupe
 
+  if _outdated(path, FORMAT_VERSION):
+    # A world's cache is derived from its own files: rebuilt, not refused.
+    _LOG.info("%s: cache of an older format; embedding it again", path)
+    os.remove(os.path.join(path, MANIFEST))
+    shutil.rmtree(path)
   manifest = read_manifest(path)
   if manifest is None:
     return False
@@ -208,6 +217,17 @@ def _complete(path: str, records: list[dict]) -> bool:
       "folder (or set world_options.dir to a new one)"
     )
   return len(have) == len(want)
+
+
+def _outdated(path: str, version: int) -> bool:
+  """Whether ``path`` holds a cache manifest of another format."""
+  from leapalign_jax.data import MANIFEST
+
+  try:
+    with open(os.path.join(path, MANIFEST)) as f:
+      return json.load(f).get("version") != version
+  except (OSError, ValueError):
+    return False
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str):
@@ -251,6 +271,42 @@ def point_config(config, paths: dict[str, str]) -> ml_collections.ConfigDict:
   return c
 
 
+def reward_texts(c) -> dict:
+  """The world's rewards' tokenizers (``rewards.text.RewardText``).
+
+  A world's reward is a transformers-layout CLIP over the OpenAI BPE,
+  written by the world itself (possibly after the caches, as the digits
+  world trains it on them), so its tokenizer is known without reading it.
+  """
+  from leapalign_jax.models.clip import CLIPTextConfig
+  from leapalign_jax.rewards import text
+
+  out = {}
+  for name, entry in c.rewards.items():
+    declared = text.TOKENIZERS.get(entry.get("kind") or name)
+    if declared is None:
+      continue
+    out[name] = text.RewardText(
+      name=name,
+      style=text.style_of(declared, entry.get("tokenizer", ""), "hf"),
+      folder="",
+      length=int(c.text.reward_max_length),
+      rows=CLIPTextConfig.vocab_size,
+      where=f"the world's {entry.path}",
+    )
+  return out
+
+
+def trained_reward_ids(c, arrays: dict) -> np.ndarray:
+  """The cached ids of the one reward a world trains (its entry's own)."""
+  from leapalign_jax.data import ids_field
+
+  names = list(reward_texts(c))
+  if len(names) != 1:
+    raise ValueError(f"a world trains one CLIP reward; config has {names}")
+  return arrays[ids_field(names[0])]
+
+
 def embed_caches(c, caches: dict[str, tuple[str, list[dict]]]) -> None:
   """Embeds each ``{data field: (folder, records)}`` once; sets ``c.data``."""
   from leapalign_jax import embed_prompts
@@ -258,7 +314,7 @@ def embed_caches(c, caches: dict[str, tuple[str, list[dict]]]) -> None:
   encoders = None
   for field, (path, recs) in caches.items():
     if not _complete(path, recs):  # new, or a build killed half-way
-      encoders = encoders or embed_prompts.TextEncoders(c.text)
+      encoders = encoders or embed_prompts.TextEncoders(c.text, reward_texts(c))
       embed_prompts.embed(encoders, recs, path, progress=False)
     if field in c.data:
       c.data[field] = path
