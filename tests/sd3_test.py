@@ -19,6 +19,8 @@ from leapalign_jax.models import sd3
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import torch_refs  # noqa: E402
+
 from leapalign_jax import sampling  # noqa: E402
 from leapalign_jax.convert import keymap  # noqa: E402
 from leapalign_jax.convert.errors import ConversionError  # noqa: E402
@@ -56,13 +58,7 @@ def make_torch_model(layers, heads, head_dim, dual, qk_norm, channels):
     qk_norm=qk_norm,
   )
   # Random everything, so a mapping mistake anywhere changes the output.
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and name.endswith("weight") and p.ndim == 1:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-      else:
-        p.copy_(0.15 * torch.randn_like(p))
-  return model.eval()
+  return torch_refs.randomize(model, 0)
 
 
 def inputs(channels, h=4, w=6, s=5, batch=2, seed=1):

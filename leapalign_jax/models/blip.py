@@ -22,6 +22,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from leapalign_jax.models.attention import attention
+from leapalign_jax.models.clip import CLIPMLP
 from leapalign_jax.models.layers import (
   ACT_BLD,
   Embed,
@@ -94,20 +95,6 @@ class ViTAttention(nnx.Module):
     return self.proj(checkpoint_name(out, "attn_out"))
 
 
-class Mlp(nnx.Module):
-  """``fc2(gelu(fc1(x)))`` (exact GELU)."""
-
-  def __init__(self, dim, hidden, *, dtype, param_dtype, rngs):
-    kw = _kw(dtype, param_dtype, rngs)
-    self.fc1 = Linear(dim, hidden, kernel_axes=("embed", "mlp"), **kw)
-    self.fc2 = Linear(
-      hidden, dim, kernel_axes=("mlp", "embed"), bias_axes=("bias",), **kw
-    )
-
-  def __call__(self, x):
-    return self.fc2(gelu(checkpoint_name(self.fc1(x), "mlp_in")))
-
-
 class Block(nnx.Module):
   """Pre-LN ViT block: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``."""
 
@@ -119,9 +106,11 @@ class Block(nnx.Module):
       D, c.num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
     self.norm2 = LayerNorm(D, **norm)
-    self.mlp = Mlp(
+    # timm's Mlp: the same fc1 / fc2 as CLIP's, with exact GELU.
+    self.mlp = CLIPMLP(
       D,
       int(D * c.mlp_ratio),
+      "gelu",
       dtype=dtype,
       param_dtype=param_dtype,
       rngs=rngs,

@@ -168,6 +168,16 @@ class Mlp(nnx.Module):
     return self.fc2(checkpoint_name(gelu_tanh(self.fc1(x)), "mlp_in"))
 
 
+def ada_ln(dim: int, n: int, zero_init: bool, **kw) -> nnx.Sequential:
+  """``adaLN_modulation``: SiLU then ``Linear(dim, n * dim)`` (index 1)."""
+  return nnx.Sequential(
+    jax.nn.silu,
+    Linear(
+      dim, n * dim, kernel_axes=("embed", "mod"), zero_init=zero_init, **kw
+    ),
+  )
+
+
 def _modulate(x, shift, scale):
   """``LN(x) * (1 + scale) + shift`` (affine-free LayerNorm, eps 1e-6)."""
   return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
@@ -200,16 +210,7 @@ class DismantledBlock(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pre_only, self.dual = pre_only, dual
     self.n_mods = 9 if dual else (2 if pre_only else 6)
-    self.adaLN_modulation = nnx.Sequential(
-      jax.nn.silu,
-      Linear(
-        dim,
-        self.n_mods * dim,
-        kernel_axes=("embed", "mod"),
-        zero_init=zero_init,
-        **kw,
-      ),
-    )
+    self.adaLN_modulation = ada_ln(dim, self.n_mods, zero_init, **kw)
     self.attn = SelfAttention(dim, num_heads, qk_norm, pre_only, **kw)
     self.attn2 = (
       SelfAttention(dim, num_heads, qk_norm, False, **kw) if dual else None
@@ -309,12 +310,7 @@ class FinalLayer(nnx.Module):
     self.linear = Linear(
       dim, out_features, kernel_axes=("embed", None), zero_init=zero_init, **kw
     )
-    self.adaLN_modulation = nnx.Sequential(
-      jax.nn.silu,
-      Linear(
-        dim, 2 * dim, kernel_axes=("embed", "mod"), zero_init=zero_init, **kw
-      ),
-    )
+    self.adaLN_modulation = ada_ln(dim, 2, zero_init, **kw)
 
   def __call__(self, x_BLD, c_BD):
     shift, scale = jnp.split(self.adaLN_modulation(c_BD), 2, axis=-1)
