@@ -30,6 +30,8 @@ from leapalign_jax.models.layers import (
   Linear,
   constrain,
   gelu,
+  heads_out_linear,
+  qkv_linear,
   run_layers,
   stack_layers,
 )
@@ -75,19 +77,8 @@ class ViTAttention(nnx.Module):
 
   def __init__(self, dim, heads, *, dtype, param_dtype, rngs):
     kw = _kw(dtype, param_dtype, rngs)
-    self.qkv = Linear(
-      dim,
-      (3, heads, dim // heads),
-      kernel_axes=("embed", "qkv", "heads", "kv"),
-      **kw,
-    )
-    self.proj = Linear(
-      (heads, dim // heads),
-      dim,
-      kernel_axes=("heads", "kv", "embed"),
-      bias_axes=("bias",),
-      **kw,
-    )
+    self.qkv = qkv_linear(dim, heads, dim // heads, **kw)
+    self.proj = heads_out_linear(heads, dim // heads, dim, **kw)
 
   def __call__(self, x_BLD, impl: str):
     qkv = checkpoint_name(self.qkv(x_BLD), "qkv")

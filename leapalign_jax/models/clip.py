@@ -36,6 +36,8 @@ from leapalign_jax.models.layers import (
   Linear,
   constrain,
   gelu,
+  heads_out_linear,
+  qkv_linear,
   quick_gelu,
   run_layers,
   stack_layers,
@@ -238,19 +240,8 @@ class CLIPAttention(nnx.Module):
 
   def __init__(self, width: int, heads: int, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = Linear(
-      width,
-      (3, heads, width // heads),
-      kernel_axes=("embed", "qkv", "heads", "kv"),
-      **kw,
-    )
-    self.out_proj = Linear(
-      (heads, width // heads),
-      width,
-      kernel_axes=("heads", "kv", "embed"),
-      bias_axes=("bias",),
-      **kw,
-    )
+    self.qkv = qkv_linear(width, heads, width // heads, **kw)
+    self.out_proj = heads_out_linear(heads, width // heads, width, **kw)
 
   def __call__(self, x_BLD: jax.Array, *, causal: bool, impl: str):
     qkv = checkpoint_name(self.qkv(x_BLD), "qkv")  # [B, L, 3, H, Dh]

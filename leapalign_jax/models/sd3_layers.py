@@ -26,7 +26,9 @@ from leapalign_jax.models.layers import (
   RMSNorm,
   constrain,
   gelu_tanh,
+  heads_out_linear,
   layer_norm,
+  qkv_linear,
 )
 
 
@@ -125,25 +127,12 @@ class SelfAttention(nnx.Module):
   ):
     head_dim = dim // num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = Linear(
-      dim,
-      (3, num_heads, head_dim),
-      kernel_axes=("embed", "qkv", "heads", "kv"),
-      **kw,
-    )
+    self.qkv = qkv_linear(dim, num_heads, head_dim, **kw)
     norm = dict(eps=1e-6, param_dtype=param_dtype, rngs=rngs)
     self.ln_q = RMSNorm(head_dim, **norm) if qk_norm else None
     self.ln_k = RMSNorm(head_dim, **norm) if qk_norm else None
     self.proj = (
-      None
-      if pre_only
-      else Linear(
-        (num_heads, head_dim),
-        dim,
-        kernel_axes=("heads", "kv", "embed"),
-        bias_axes=("bias",),
-        **kw,
-      )
+      None if pre_only else heads_out_linear(num_heads, head_dim, dim, **kw)
     )
 
   def pre_attention(self, x_BLD):
