@@ -40,49 +40,7 @@ ARCH_FIELDS = (
 )
 
 
-class _Table:
-  """Collects rules; ``lin``/``vec`` add the common linear and bias cases."""
-
-  def __init__(self):
-    self.rules: list[Rule] = []
-
-  def add(self, target, layer, srcs, transform):
-    self.rules.append(Rule(tuple(target), layer, tuple(srcs), transform))
-
-  def lin(
-    self,
-    target,
-    layer,
-    key,
-    in_shape,
-    out_shape,
-    *,
-    bias=True,
-    parts=None,
-    src_shape=None,
-  ):
-    """A linear layer: ``key.weight`` (rows from ``parts``) -> kernel+bias."""
-    n_in = _prod(in_shape)
-    n_out = _prod(out_shape)
-    parts = parts or [(key, None, None)]
-    w_srcs, b_srcs = [], []
-    for k, lo, hi in parts:
-      full_out = src_shape[0] if src_shape else n_out
-      w_srcs.append(Src(f"{k}.weight", (full_out, n_in), 0, lo or 0, hi))
-      b_srcs.append(Src(f"{k}.bias", (full_out,), 0, lo or 0, hi))
-    self.add((*target, "kernel"), layer, w_srcs, linear(in_shape, out_shape))
-    if bias:
-      self.add((*target, "bias"), layer, b_srcs, reshape(out_shape, (n_out,)))
-
-
-def _prod(shape):
-  out = 1
-  for s in (shape,) if isinstance(shape, int) else shape:
-    out *= s
-  return out
-
-
-def _common_embedders(t: _Table, c: FluxConfig, names: dict[str, str]):
+def _common_embedders(t: keymap.Table, c: FluxConfig, names: dict[str, str]):
   D = c.hidden_size
   t.lin(("img_in",), None, names["img_in"], c.in_channels, D)
   t.lin(("txt_in",), None, names["txt_in"], c.context_in_dim, D)
@@ -97,7 +55,7 @@ def _common_embedders(t: _Table, c: FluxConfig, names: dict[str, str]):
 
 def bfl_rules(c: FluxConfig) -> list[Rule]:
   """Key table for BFL single files (``flux1-dev.safetensors``)."""
-  t = _Table()
+  t = keymap.Table()
   D, H, Dh, F = c.hidden_size, c.num_heads, c.head_dim, c.mlp_hidden
   _common_embedders(
     t,
@@ -209,7 +167,7 @@ def bfl_rules(c: FluxConfig) -> list[Rule]:
 
 def diffusers_rules(c: FluxConfig) -> list[Rule]:
   """Key table for diffusers ``FluxTransformer2DModel`` folders."""
-  t = _Table()
+  t = keymap.Table()
   D, H, Dh, F = c.hidden_size, c.num_heads, c.head_dim, c.mlp_hidden
   te = "time_text_embed"
   _common_embedders(

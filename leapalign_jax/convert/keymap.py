@@ -145,6 +145,41 @@ class Rule:
     return self.transform.fwd(arr)
 
 
+class Table:
+  """Collects rules; ``lin`` adds the common torch ``nn.Linear`` case."""
+
+  def __init__(self):
+    self.rules: list[Rule] = []
+
+  def add(self, target, layer, srcs, transform):
+    self.rules.append(Rule(tuple(target), layer, tuple(srcs), transform))
+
+  def lin(
+    self,
+    target,
+    layer,
+    key,
+    in_shape,
+    out_shape,
+    *,
+    bias=True,
+    parts=None,
+    src_shape=None,
+  ):
+    """A linear layer: ``key.weight`` (rows from ``parts``) -> kernel+bias."""
+    n_in = math.prod(_tuple(in_shape))
+    n_out = math.prod(_tuple(out_shape))
+    parts = parts or [(key, None, None)]
+    w_srcs, b_srcs = [], []
+    for k, lo, hi in parts:
+      full_out = src_shape[0] if src_shape else n_out
+      w_srcs.append(Src(f"{k}.weight", (full_out, n_in), 0, lo or 0, hi))
+      b_srcs.append(Src(f"{k}.bias", (full_out,), 0, lo or 0, hi))
+    self.add((*target, "kernel"), layer, w_srcs, linear(in_shape, out_shape))
+    if bias:
+      self.add((*target, "bias"), layer, b_srcs, reshape(out_shape, (n_out,)))
+
+
 def expected_sources(rules: Sequence[Rule]) -> dict[str, tuple[int, ...]]:
   """Every source key the rules read, with its full shape."""
   shapes: dict[str, tuple[int, ...]] = {}

@@ -103,6 +103,9 @@ class AutoEncoderConfig:
 
 VARIANTS: dict[str, AutoEncoderConfig] = {
   "flux": AutoEncoderConfig(),
+  # SD3 / SD3.5's VAE: Flux's architecture (16 latent channels, no quant
+  # convs) with its own latent normalisation (diffusers' vae/config.json).
+  "sd3": AutoEncoderConfig(scale_factor=1.5305, shift_factor=0.0609),
   # CPU-sized: three levels (4x downsampling), one resnet per level, Flux's
   # 16 latent channels so that it feeds the tiny Flux (16 x 2 x 2 = 64).
   "tiny": AutoEncoderConfig(

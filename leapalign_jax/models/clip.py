@@ -36,6 +36,8 @@ from leapalign_jax.models.layers import (
   Linear,
   constrain,
   gelu,
+  heads_out_linear,
+  qkv_linear,
   quick_gelu,
   run_layers,
   stack_layers,
@@ -172,6 +174,20 @@ VARIANTS: dict[str, CLIPConfig] = {
   "vit-l-14": CLIPConfig(_L14_TEXT, _L14_VISION, 768),
   # Flux's text_encoder/: the CLIP-L text tower alone (CLIPTextModel).
   "vit-l-14-text": CLIPConfig(_L14_TEXT, None, None),
+  # SD3's text_encoder / text_encoder_2: CLIP-L and OpenCLIP bigG-14 text
+  # towers with their projections (CLIPTextModelWithProjection).
+  "sd3-clip-l": CLIPConfig(_L14_TEXT, None, 768),
+  "sd3-clip-g": CLIPConfig(
+    CLIPTextConfig(
+      hidden_size=1280,
+      intermediate_size=5120,
+      num_hidden_layers=32,
+      num_attention_heads=20,
+      hidden_act="gelu",
+    ),
+    None,
+    1280,
+  ),
   # OpenCLIP / laion ViT-H-14: HPSv2.1 (OpenCLIP layout) and PickScore
   # (transformers layout). Exact GELU.
   "vit-h-14": CLIPConfig(_H14_TEXT, _H14_VISION, 1024),
@@ -224,19 +240,8 @@ class CLIPAttention(nnx.Module):
 
   def __init__(self, width: int, heads: int, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = Linear(
-      width,
-      (3, heads, width // heads),
-      kernel_axes=("embed", "qkv", "heads", "kv"),
-      **kw,
-    )
-    self.out_proj = Linear(
-      (heads, width // heads),
-      width,
-      kernel_axes=("heads", "kv", "embed"),
-      bias_axes=("bias",),
-      **kw,
-    )
+    self.qkv = qkv_linear(width, heads, width // heads, **kw)
+    self.out_proj = heads_out_linear(heads, width // heads, width, **kw)
 
   def __call__(self, x_BLD: jax.Array, *, causal: bool, impl: str):
     qkv = checkpoint_name(self.qkv(x_BLD), "qkv")  # [B, L, 3, H, Dh]
@@ -324,6 +329,15 @@ class CLIPTextTransformer(nnx.Module):
     )
 
   def __call__(self, ids_BL: jax.Array) -> TowerOutput:
+    return self.forward(ids_BL, penultimate=False)[0]
+
+  def forward(self, ids_BL: jax.Array, penultimate: bool):
+    """``(TowerOutput, penultimate states [B, L, D] or None)``.
+
+    The penultimate states are those after the second-to-last block, before
+    the final LayerNorm (transformers' ``hidden_states[-2]``: SD3's CLIP
+    conditioning).
+    """
     c, t = self.config, self.config.text
     length = ids_BL.shape[-1]
     if ids_BL.ndim != 2 or length > t.max_position_embeddings:
@@ -332,21 +346,36 @@ class CLIPTextTransformer(nnx.Module):
         f"got {ids_BL.shape}"
       )
     pos_LD = self.position_embedding[:length].astype(jnp.dtype(c.dtype))
-    x_BLD = self.token_embedding(ids_BL) + pos_LD[None]
-    x_BLD = run_layers(
-      self.layers,
-      constrain(x_BLD, ACT_BLD),
-      lambda layer, x: layer(x, causal=True, impl=c.attention),
-      remat=c.remat,
-      scan=c.scan_layers,
-    )
+    x_BLD = constrain(self.token_embedding(ids_BL) + pos_LD[None], ACT_BLD)
+    groups = _split_last(self.layers) if penultimate else (self.layers,)
+    states = []
+    for layers in groups:
+      x_BLD = run_layers(
+        layers,
+        x_BLD,
+        lambda layer, x: layer(x, causal=True, impl=c.attention),
+        remat=c.remat,
+        scan=c.scan_layers,
+      )
+      states.append(x_BLD)
     x_BLD = self.final_layer_norm(x_BLD)
     if t.eos_token_id is None:
       pos_B = jnp.argmax(ids_BL, axis=-1)
     else:  # argmax returns the first maximum: the first eos
       pos_B = jnp.argmax(ids_BL == t.eos_token_id, axis=-1)
     pooled_BD = jnp.take_along_axis(x_BLD, pos_B[:, None, None], axis=1)[:, 0]
-    return TowerOutput(x_BLD, pooled_BD)
+    return TowerOutput(x_BLD, pooled_BD), states[0] if penultimate else None
+
+
+def _split_last(layers: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+  """Stacked ``layers`` as (all but the last, the last), both stacked."""
+  graphdef, state = nnx.split(layers)
+  if jax.tree.leaves(state)[0].shape[0] < 2:
+    raise ValueError("the penultimate states need at least two layers")
+  return (
+    nnx.merge(graphdef, jax.tree.map(lambda a: a[:-1], state)),
+    nnx.merge(graphdef, jax.tree.map(lambda a: a[-1:], state)),
+  )
 
 
 class CLIPVisionTransformer(nnx.Module):
@@ -458,6 +487,12 @@ class CLIP(nnx.Module):
     if self.text_model is None:
       raise ValueError("this CLIP model was built without its text tower")
     return self.text_model(ids_BL)
+
+  def encode_text_penultimate(self, ids_BL: jax.Array):
+    """``(encode_text(ids), second-to-last block's states [B, L, D])``."""
+    if self.text_model is None:
+      raise ValueError("this CLIP model was built without its text tower")
+    return self.text_model.forward(ids_BL, penultimate=True)
 
   def encode_image(self, pixels_BHWC: jax.Array) -> TowerOutput:
     """Token states ``[B, N+1, D]`` and the post-LN class token ``[B, D]``."""

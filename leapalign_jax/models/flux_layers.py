@@ -30,7 +30,9 @@ from leapalign_jax.models.layers import (
   bcast,
   constrain,
   gelu_tanh,
+  heads_out_linear,
   layer_norm,
+  qkv_linear,
 )
 
 
@@ -186,21 +188,9 @@ class SelfAttention(nnx.Module):
   def __init__(self, dim, num_heads, qkv_bias, *, dtype, param_dtype, rngs):
     head_dim = dim // num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = Linear(
-      dim,
-      (3, num_heads, head_dim),
-      kernel_axes=("embed", "qkv", "heads", "kv"),
-      use_bias=qkv_bias,
-      **kw,
-    )
+    self.qkv = qkv_linear(dim, num_heads, head_dim, use_bias=qkv_bias, **kw)
     self.norm = QKNorm(head_dim, param_dtype=param_dtype, rngs=rngs)
-    self.proj = Linear(
-      (num_heads, head_dim),
-      dim,
-      kernel_axes=("heads", "kv", "embed"),
-      bias_axes=("bias",),
-      **kw,
-    )
+    self.proj = heads_out_linear(num_heads, head_dim, dim, **kw)
 
   def qkv_normed(self, x_BLD):
     qkv = checkpoint_name(self.qkv(x_BLD), "qkv")  # [B, L, 3, H, Dh]
@@ -278,12 +268,7 @@ class Linear1(nnx.Module):
 
   def __init__(self, dim, num_heads, mlp_hidden, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = Linear(
-      dim,
-      (3, num_heads, dim // num_heads),
-      kernel_axes=("embed", "qkv", "heads", "kv"),
-      **kw,
-    )
+    self.qkv = qkv_linear(dim, num_heads, dim // num_heads, **kw)
     self.mlp = Linear(dim, mlp_hidden, kernel_axes=("embed", "mlp"), **kw)
 
 
@@ -292,12 +277,8 @@ class Linear2(nnx.Module):
 
   def __init__(self, dim, num_heads, mlp_hidden, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.attn = Linear(
-      (num_heads, dim // num_heads),
-      dim,
-      kernel_axes=("heads", "kv", "embed"),
-      use_bias=False,
-      **kw,
+    self.attn = heads_out_linear(
+      num_heads, dim // num_heads, dim, use_bias=False, **kw
     )
     self.mlp = Linear(
       mlp_hidden, dim, kernel_axes=("mlp", "embed"), use_bias=False, **kw

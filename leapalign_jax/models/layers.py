@@ -119,6 +119,27 @@ class Linear(nnx.Module):
     return y
 
 
+def qkv_linear(dim: int, heads: int, head_dim: int, **kw) -> Linear:
+  """A fused q/k/v projection ``[..., dim] -> [..., 3, heads, head_dim]``."""
+  return Linear(
+    dim,
+    (3, heads, head_dim),
+    kernel_axes=("embed", "qkv", "heads", "kv"),
+    **kw,
+  )
+
+
+def heads_out_linear(heads: int, head_dim: int, dim: int, **kw) -> Linear:
+  """An attention output ``[..., heads, head_dim] -> [..., dim]``.
+
+  Its bias (if any) stays replicated, as every other bias.
+  """
+  kw.setdefault("bias_axes", ("bias",))
+  return Linear(
+    (heads, head_dim), dim, kernel_axes=("heads", "kv", "embed"), **kw
+  )
+
+
 class Embed(nnx.Module):
   """A ``[num_embeddings, features]`` lookup table (token embeddings).
 

@@ -33,6 +33,8 @@ from leapalign_jax.models.layers import (
   RMSNorm,
   constrain,
   gelu_tanh,
+  heads_out_linear,
+  qkv_linear,
   run_layers,
   stack_layers,
 )
@@ -104,18 +106,8 @@ class T5Attention(nnx.Module):
 
   def __init__(self, c: T5EncoderConfig, *, dtype, param_dtype, rngs):
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = Linear(
-      c.d_model,
-      (3, c.num_heads, c.d_kv),
-      kernel_axes=("embed", "qkv", "heads", "kv"),
-      **kw,
-    )
-    self.o = Linear(
-      (c.num_heads, c.d_kv),
-      c.d_model,
-      kernel_axes=("heads", "kv", "embed"),
-      **kw,
-    )
+    self.qkv = qkv_linear(c.d_model, c.num_heads, c.d_kv, **kw)
+    self.o = heads_out_linear(c.num_heads, c.d_kv, c.d_model, **kw)
 
   def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array) -> jax.Array:
     qkv = checkpoint_name(self.qkv(x_BLD), "qkv")  # [B, L, 3, H, Dk]

@@ -1,0 +1,621 @@
+"""SD3 / SD3.5 transformer weights: Stability single files, diffusers <-> ours.
+
+Two key tables, in both directions. Ours mirrors Stability's ``mmditx.py``
+(``models/sd3.py``) and differs from it only by layout: kernels transposed,
+fused qkv kernels kept as ``(3, heads, head_dim)``, the blocks stacked in
+three groups (``dual_blocks``, ``joint_blocks``, ``last_block``), the patch
+convolution as a linear map of packed tokens, and the final linear's outputs
+in the packed order ``(c, ph, pw)`` instead of ``(ph, pw, c)``. diffusers
+also splits q, k and v and stores the last block's context modulation and
+the final modulation as ``(scale, shift)``.
+
+The ``pos_embed`` buffer is not a parameter of ours (the model builds the
+crop it needs); loading checks the checkpoint's table against ours, and
+export writes ours, so diffusers and the reference find the key they expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+
+from leapalign_jax.convert import keymap
+from leapalign_jax.convert.errors import ConversionError
+from leapalign_jax.convert.keymap import Src, Transform, linear, reshape
+from leapalign_jax.convert.safetensors_io import (
+  LazyTensor,
+  TensorSource,
+  open_folder,
+)
+from leapalign_jax.models.sd3 import VARIANTS, SD3Config
+from leapalign_jax.models.sd3_layers import sincos_1d
+
+SINGLE_FILE_PREFIX = "model.diffusion_model."
+LAYOUTS = ("stability", "diffusers")
+ARCH_FIELDS = (
+  "hidden_size",
+  "in_channels",
+  "out_channels",
+  "depth",
+  "num_heads",
+  "head_dim",
+  "num_dual",
+  "qk_norm",
+  "mlp_ratio",
+  "context_in_dim",
+  "pooled_dim",
+  "pos_embed_max_size",
+)
+POS_EMBED_TOL = 1e-5  # the table is float32 sin/cos: a few ulps of 1
+
+
+def _patch_conv(c: SD3Config) -> Transform:
+  """Conv ``[D, C, 2, 2]`` <-> our packed-token kernel ``[4C, D]``."""
+  D, C = c.hidden_size, c.in_channels
+  return keymap.chain(reshape((D, 4 * C), (D, C, 2, 2)), linear(4 * C, D))
+
+
+def _unpatch(c: SD3Config, with_linear: bool) -> Transform:
+  """Final outputs ``(ph, pw, c)`` <-> packed ``(c, ph, pw)`` (rows of W)."""
+  C, D = c.out_channels, c.hidden_size
+  tail = (D,) if with_linear else ()
+
+  def fwd(a):
+    a = a.reshape(2, 2, C, *tail).transpose(2, 0, 1, *range(3, 3 + len(tail)))
+    return a.reshape(4 * C, *tail)
+
+  def inv(a):
+    a = a.reshape(C, 2, 2, *tail).transpose(1, 2, 0, *range(3, 3 + len(tail)))
+    return a.reshape(4 * C, *tail)
+
+  perm = Transform(fwd, inv, "unpatch")
+  return keymap.chain(perm, linear(D, 4 * C)) if with_linear else perm
+
+
+def _block_target(c: SD3Config, i: int) -> tuple[tuple[str, ...], int | None]:
+  """Our group and layer of the reference's block ``i``."""
+  if i < c.num_dual:
+    return ("dual_blocks",), i
+  if i < c.depth - 1:
+    return ("joint_blocks",), i - c.num_dual
+  return ("last_block",), None
+
+
+def _stream_rules(t, c, i, stream, names, *, pre_only, dual, swap_mod):
+  """One stream (``context_block`` / ``x_block``) of block ``i``."""
+  D, H, Dh = c.hidden_size, c.num_heads, c.head_dim
+  group, layer = _block_target(c, i)
+  base = (*group, stream)
+  n_mods = 9 if dual else (2 if pre_only else 6)
+  mod = (*base, "adaLN_modulation", "layers", 1)
+  if swap_mod:  # diffusers' AdaLayerNormContinuous: (scale, shift)
+    w = Src(f"{names['mod']}.weight", (n_mods * D, D))
+    b = Src(f"{names['mod']}.bias", (n_mods * D,))
+    t.add((*mod, "kernel"), layer, [w], keymap.swap_halves(linear(D, 2 * D)))
+    t.add((*mod, "bias"), layer, [b], keymap.swap_halves(keymap.identity()))
+  else:
+    t.lin(mod, layer, names["mod"], D, n_mods * D)
+  attns = [("attn", names["attn"], pre_only)]
+  if dual:
+    attns.append(("attn2", names["attn2"], False))
+  for ours, src, attn_pre_only in attns:
+    qkv = src["qkv"]
+    if isinstance(qkv, str):  # Stability: one fused [3D, D] linear
+      t.lin((*base, ours, "qkv"), layer, qkv, D, (3, H, Dh))
+    else:  # diffusers: to_q / to_k / to_v, concatenated along rows
+      w = [Src(f"{k}.weight", (D, D)) for k in qkv]
+      b = [Src(f"{k}.bias", (D,)) for k in qkv]
+      t.add((*base, ours, "qkv", "kernel"), layer, w, linear(D, (3, H, Dh)))
+      t.add(
+        (*base, ours, "qkv", "bias"), layer, b, reshape((3, H, Dh), (3 * D,))
+      )
+    if c.qk_norm:
+      for n in ("ln_q", "ln_k"):
+        t.add(
+          (*base, ours, n, "scale"),
+          layer,
+          [Src(f"{src[n]}.weight", (Dh,))],
+          keymap.identity(),
+        )
+    if not attn_pre_only:
+      t.lin((*base, ours, "proj"), layer, src["proj"], (H, Dh), D)
+  if not pre_only:
+    F = int(D * c.mlp_ratio)
+    t.lin((*base, "mlp", "fc1"), layer, names["fc1"], D, F)
+    t.lin((*base, "mlp", "fc2"), layer, names["fc2"], F, D)
+
+
+def stability_rules(c: SD3Config) -> list[keymap.Rule]:
+  """Key table for Stability's ``MMDiTX`` state dict (prefix stripped)."""
+  t = keymap.Table()
+  D = c.hidden_size
+  t.add(
+    ("x_embedder", "proj", "kernel"),
+    None,
+    [Src("x_embedder.proj.weight", (D, c.in_channels, 2, 2))],
+    _patch_conv(c),
+  )
+  t.add(
+    ("x_embedder", "proj", "bias"),
+    None,
+    [Src("x_embedder.proj.bias", (D,))],
+    keymap.identity(),
+  )
+  for ours, in_dim in (("t_embedder", 256), ("y_embedder", c.pooled_dim)):
+    t.lin((ours, "mlp", "layers", 0), None, f"{ours}.mlp.0", in_dim, D)
+    t.lin((ours, "mlp", "layers", 2), None, f"{ours}.mlp.2", D, D)
+  t.lin(("context_embedder",), None, "context_embedder", c.context_in_dim, D)
+  for i in range(c.depth):
+    for stream in ("context_block", "x_block"):
+      p = f"joint_blocks.{i}.{stream}"
+      last_ctx = stream == "context_block" and i == c.depth - 1
+
+      def attn(name, p=p):
+        return {
+          "qkv": f"{p}.{name}.qkv",
+          "ln_q": f"{p}.{name}.ln_q",
+          "ln_k": f"{p}.{name}.ln_k",
+          "proj": f"{p}.{name}.proj",
+        }
+
+      names = {
+        "mod": f"{p}.adaLN_modulation.1",
+        "attn": attn("attn"),
+        "attn2": attn("attn2"),
+        "fc1": f"{p}.mlp.fc1",
+        "fc2": f"{p}.mlp.fc2",
+      }
+      _stream_rules(
+        t,
+        c,
+        i,
+        stream,
+        names,
+        pre_only=last_ctx,
+        dual=stream == "x_block" and i < c.num_dual,
+        swap_mod=False,
+      )
+  _final_rules(t, c, "final_layer.linear", "final_layer.adaLN_modulation.1")
+  return t.rules
+
+
+def diffusers_rules(c: SD3Config) -> list[keymap.Rule]:
+  """Key table for diffusers' ``SD3Transformer2DModel`` folders."""
+  t = keymap.Table()
+  D = c.hidden_size
+  t.add(
+    ("x_embedder", "proj", "kernel"),
+    None,
+    [Src("pos_embed.proj.weight", (D, c.in_channels, 2, 2))],
+    _patch_conv(c),
+  )
+  t.add(
+    ("x_embedder", "proj", "bias"),
+    None,
+    [Src("pos_embed.proj.bias", (D,))],
+    keymap.identity(),
+  )
+  te = "time_text_embed"
+  for ours, src, in_dim in (
+    ("t_embedder", f"{te}.timestep_embedder", 256),
+    ("y_embedder", f"{te}.text_embedder", c.pooled_dim),
+  ):
+    t.lin((ours, "mlp", "layers", 0), None, f"{src}.linear_1", in_dim, D)
+    t.lin((ours, "mlp", "layers", 2), None, f"{src}.linear_2", D, D)
+  t.lin(("context_embedder",), None, "context_embedder", c.context_in_dim, D)
+  for i in range(c.depth):
+    b = f"transformer_blocks.{i}"
+    last = i == c.depth - 1
+    x_names = {
+      "mod": f"{b}.norm1.linear",
+      "attn": {
+        "qkv": [f"{b}.attn.to_{x}" for x in "qkv"],
+        "ln_q": f"{b}.attn.norm_q",
+        "ln_k": f"{b}.attn.norm_k",
+        "proj": f"{b}.attn.to_out.0",
+      },
+      "attn2": {
+        "qkv": [f"{b}.attn2.to_{x}" for x in "qkv"],
+        "ln_q": f"{b}.attn2.norm_q",
+        "ln_k": f"{b}.attn2.norm_k",
+        "proj": f"{b}.attn2.to_out.0",
+      },
+      "fc1": f"{b}.ff.net.0.proj",
+      "fc2": f"{b}.ff.net.2",
+    }
+    ctx_names = {
+      "mod": f"{b}.norm1_context.linear",
+      "attn": {
+        "qkv": [f"{b}.attn.add_{x}_proj" for x in "qkv"],
+        "ln_q": f"{b}.attn.norm_added_q",
+        "ln_k": f"{b}.attn.norm_added_k",
+        "proj": f"{b}.attn.to_add_out",
+      },
+      "fc1": f"{b}.ff_context.net.0.proj",
+      "fc2": f"{b}.ff_context.net.2",
+    }
+    _stream_rules(
+      t,
+      c,
+      i,
+      "context_block",
+      ctx_names,
+      pre_only=last,
+      dual=False,
+      swap_mod=last,
+    )
+    _stream_rules(
+      t,
+      c,
+      i,
+      "x_block",
+      x_names,
+      pre_only=False,
+      dual=i < c.num_dual,
+      swap_mod=False,
+    )
+  _final_rules(t, c, "proj_out", "norm_out.linear", swap_mod=True)
+  return t.rules
+
+
+def _final_rules(t, c: SD3Config, linear_key, mod_key, swap_mod=False):
+  D, O = c.hidden_size, c.out_features
+  t.add(
+    ("final_layer", "linear", "kernel"),
+    None,
+    [Src(f"{linear_key}.weight", (O, D))],
+    _unpatch(c, with_linear=True),
+  )
+  t.add(
+    ("final_layer", "linear", "bias"),
+    None,
+    [Src(f"{linear_key}.bias", (O,))],
+    _unpatch(c, with_linear=False),
+  )
+  mod = ("final_layer", "adaLN_modulation", "layers", 1)
+  w, b = Src(f"{mod_key}.weight", (2 * D, D)), Src(f"{mod_key}.bias", (2 * D,))
+  lin, ident = linear(D, 2 * D), keymap.identity()
+  if swap_mod:
+    lin, ident = keymap.swap_halves(lin), keymap.swap_halves(ident)
+  t.add((*mod, "kernel"), None, [w], lin)
+  t.add((*mod, "bias"), None, [b], ident)
+
+
+RULES = {"stability": stability_rules, "diffusers": diffusers_rules}
+POS_EMBED_KEY = {"stability": "pos_embed", "diffusers": "pos_embed.pos_embed"}
+
+
+# --------------------------------------------------------------------------
+# The pos_embed buffer.
+
+
+def pos_embed_table(c: SD3Config) -> np.ndarray:
+  """The reference's whole ``[1, max², D]`` sin-cos buffer, float32."""
+  n, D = c.pos_embed_max_size, c.hidden_size
+  grid = np.arange(n, dtype=np.float32) / np.float32(
+    n / (c.sample_size // c.patch_size)
+  )
+  cols = np.broadcast_to(sincos_1d(grid, D // 2)[None], (n, n, D // 2))
+  rows = np.broadcast_to(sincos_1d(grid, D // 2)[:, None], (n, n, D // 2))
+  table = np.concatenate([cols, rows], axis=-1).reshape(1, n * n, D)
+  return table.astype(np.float32)
+
+
+def check_pos_embed(source, layout: str, c: SD3Config) -> None:
+  """Fails if the checkpoint's table is not the one the model builds."""
+  key = POS_EMBED_KEY[layout]
+  if key not in source:
+    return  # a bare transformer state dict without the buffer
+  n, D = c.pos_embed_max_size, c.hidden_size
+  if tuple(source.shape(key)) != (1, n * n, D):
+    raise ConversionError(
+      f"{source.description}: {key} has shape {tuple(source.shape(key))}, "
+      f"expected (1, {n * n}, {D}) for pos_embed_max_size {n}"
+    )
+  stored = np.asarray(source[key], np.float32)
+  err = float(np.max(np.abs(stored - pos_embed_table(c))))
+  if err > POS_EMBED_TOL:
+    raise ConversionError(
+      f"{source.description}: its {key} differs from the 2-D sin-cos table "
+      f"for sample_size {c.sample_size} by {err:.2e}; pass the model's "
+      "sample_size (config=SD3Config(...)) or report the checkpoint"
+    )
+
+
+# --------------------------------------------------------------------------
+# Opening checkpoints and reading their architecture.
+
+
+def open_checkpoint(path: str) -> tuple[TensorSource, str, dict]:
+  """``(transformer tensors, layout, diffusers config or {})`` of ``path``.
+
+  Reads a Stability single file (``sd3.5_medium.safetensors``, with or
+  without bundled text encoders and VAE: only ``model.diffusion_model.*`` is
+  used), a diffusers ``transformer/`` folder or a pipeline root.
+  """
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: no such file or folder")
+  dcfg = {}
+  if os.path.isdir(path):
+    folder = path
+    if os.path.isdir(os.path.join(path, "transformer")):
+      folder = os.path.join(path, "transformer")
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_path):
+      with open(cfg_path) as f:
+        dcfg = json.load(f)
+    try:
+      source = open_folder(folder, "diffusion_pytorch_model")
+    except ConversionError:
+      singles = sorted(
+        f for f in os.listdir(folder) if f.endswith(".safetensors")
+      )
+      if len(singles) != 1:
+        raise
+      source = TensorSource.from_files([os.path.join(folder, singles[0])])
+  else:
+    source = TensorSource.from_files([path])
+  if any(k.startswith(SINGLE_FILE_PREFIX) for k in source):
+    n = len(SINGLE_FILE_PREFIX)
+    source = source.renamed(
+      lambda k: k[n:] if k.startswith(SINGLE_FILE_PREFIX) else None
+    )
+  if "x_embedder.proj.weight" in source:
+    layout = "stability"
+  elif "pos_embed.proj.weight" in source:
+    layout = "diffusers"
+  else:
+    raise ConversionError(
+      f"{source.description}: holds no SD3 transformer weights (neither "
+      "'x_embedder.proj.weight' (Stability) nor 'pos_embed.proj.weight' "
+      "(diffusers) is present); pass sd3.5_*.safetensors or a diffusers "
+      "folder with transformer/"
+    )
+  return source, layout, dcfg
+
+
+def _count(keys, pattern: str) -> int:
+  idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+  return max(idx) + 1 if idx else 0
+
+
+def infer_arch(source: TensorSource, layout: str) -> dict:
+  """Architecture fields read off the tensor names and shapes."""
+  keys = list(source)
+  if layout == "stability":
+    patch, ctx, y = "x_embedder.proj.weight", "context_embedder", "y_embedder"
+    block = r"joint_blocks\.(\d+)\."
+    dual_re = r"joint_blocks\.(\d+)\.x_block\.attn2\."
+    qk = "joint_blocks.0.x_block.attn.ln_q.weight"
+    out, fc1 = "final_layer.linear.weight", "joint_blocks.0.x_block.mlp.fc1"
+    y_in = f"{y}.mlp.0.weight"
+  else:
+    patch, ctx = "pos_embed.proj.weight", "context_embedder"
+    block = r"transformer_blocks\.(\d+)\."
+    dual_re = r"transformer_blocks\.(\d+)\.attn2\."
+    qk = "transformer_blocks.0.attn.norm_q.weight"
+    out, fc1 = "proj_out.weight", "transformer_blocks.0.ff.net.0.proj"
+    y_in = "time_text_embed.text_embedder.linear_1.weight"
+  for k in (patch, f"{ctx}.weight", out, y_in):
+    if k not in source:
+      raise ConversionError(
+        f"{source.description}: missing {k!r}; the checkpoint is incomplete"
+      )
+  hidden, in_channels = source.shape(patch)[:2]
+  depth = _count(keys, block)
+  duals = {int(m.group(1)) for k in keys if (m := re.match(dual_re, k))}
+  num_dual = len(duals)
+  if duals != set(range(num_dual)):
+    raise ConversionError(
+      f"{source.description}: dual-attention blocks {sorted(duals)} are not "
+      "the leading blocks; only MMDiT-X layouts with leading dual blocks "
+      "are supported"
+    )
+  pos = POS_EMBED_KEY[layout]
+  arch = dict(
+    in_channels=in_channels,
+    out_channels=source.shape(out)[0] // 4,
+    depth=depth,
+    num_dual=num_dual,
+    qk_norm=qk in source,
+    mlp_ratio=source.shape(f"{fc1}.weight")[0] / hidden,
+    context_in_dim=source.shape(f"{ctx}.weight")[1],
+    pooled_dim=source.shape(y_in)[1],
+  )
+  if pos in source:
+    arch["pos_embed_max_size"] = int(round(source.shape(pos)[1] ** 0.5))
+  if qk in source:  # QK-norm scales are head-sized; else heads are unknown
+    arch["head_dim"] = source.shape(qk)[0]
+    arch["num_heads"] = hidden // arch["head_dim"]
+  arch["hidden_size"] = hidden
+  return arch
+
+
+def _table_sample_size(source, layout: str, arch: dict) -> int | None:
+  """``sample_size`` read off a stored ``pos_embed`` table, if there is one.
+
+  Token ``(row 1, col 0)``'s first row channel is ``sin(1 / s)`` with grid
+  scale ``s = max_size / (sample_size / 2)``; ``check_pos_embed`` then
+  verifies the whole table.
+  """
+  key = POS_EMBED_KEY[layout]
+  if key not in source or "pos_embed_max_size" not in arch:
+    return None
+  n = arch["pos_embed_max_size"]
+  D = source.shape(key)[-1]
+  value = float(np.asarray(source[key][0, n, D // 2], np.float64))
+  if not 0.0 < value <= 1.0:
+    return None
+  return 2 * int(round(n * np.arcsin(value)))
+
+
+def infer_config(source, layout: str, dcfg: dict | None = None) -> SD3Config:
+  """The full architecture of a checkpoint.
+
+  ``sample_size`` is not a weight: it comes from the diffusers config, else
+  from the stored ``pos_embed`` table, else it is 128 (every released SD3
+  model's); ``check_pos_embed`` verifies it against the table.
+  """
+  arch = infer_arch(source, layout)
+  hidden = arch.pop("hidden_size")
+  dcfg = dcfg or {}
+  if dcfg.get("attention_head_dim"):  # diffusers records the head layout
+    arch["head_dim"] = dcfg["attention_head_dim"]
+  elif "head_dim" not in arch:  # the reference's rule: num_heads = depth
+    arch["head_dim"] = hidden // max(arch["depth"], 1)
+  arch["num_heads"] = hidden // arch["head_dim"]
+  if "pos_embed_max_size" not in arch:
+    arch["pos_embed_max_size"] = dcfg.get("pos_embed_max_size", 384)
+  sample_size = dcfg.get("sample_size") or _table_sample_size(
+    source, layout, arch
+  )
+  try:
+    return SD3Config(sample_size=sample_size or 128, **arch)
+  except ValueError as e:
+    raise ConversionError(f"{source.description}: {e}") from None
+
+
+def check_matches(found: dict, wanted: SD3Config, where: str) -> None:
+  """Fails if the checkpoint's architecture differs from the requested one."""
+  diffs = [
+    f"{f}={found[f]!r} (config: {getattr(wanted, f)!r})"
+    for f in ARCH_FIELDS
+    if f in found and found[f] != getattr(wanted, f)
+  ]
+  if diffs:
+    raise ConversionError(
+      f"{where}: the weights do not fit the requested SD3 config: "
+      + ", ".join(diffs[:5])
+      + "; pick the matching variant or omit config to auto-detect"
+    )
+
+
+def diffusers_config_dict(c: SD3Config) -> dict:
+  """The ``config.json`` diffusers needs to build ``SD3Transformer2DModel``."""
+  return {
+    "_class_name": "SD3Transformer2DModel",
+    "sample_size": c.sample_size,
+    "patch_size": c.patch_size,
+    "in_channels": c.in_channels,
+    "num_layers": c.depth,
+    "attention_head_dim": c.head_dim,
+    "num_attention_heads": c.num_heads,
+    "joint_attention_dim": c.context_in_dim,
+    "caption_projection_dim": c.hidden_size,
+    "pooled_projection_dim": c.pooled_dim,
+    "out_channels": c.out_channels,
+    "pos_embed_max_size": c.pos_embed_max_size,
+    "dual_attention_layers": list(range(c.num_dual)),
+    "qk_norm": "rms_norm" if c.qk_norm else None,
+  }
+
+
+# --------------------------------------------------------------------------
+# Public entry points.
+
+
+def load_sd3(
+  path: str,
+  *,
+  config: SD3Config | str | None = None,
+  dtype: str = "float32",
+  param_dtype: str | None = None,
+  sharding=None,
+  **runtime,
+):
+  """Loads SD3 / SD3.5 transformer weights (see ``open_checkpoint``).
+
+  Layout and architecture are detected from the tensor names and shapes;
+  with ``config`` (an ``SD3Config`` or a ``VARIANTS`` name) the weights must
+  match it. Tensors are memory-mapped and copied once, straight into their
+  (optionally sharded) device arrays.
+
+  Returns:
+    ``(config, model)``.
+  """
+  from flax import nnx
+
+  from leapalign_jax.convert.loading import load_model, resolve_variant
+  from leapalign_jax.models.sd3 import SD3
+
+  source, layout, dcfg = open_checkpoint(path)
+  config = resolve_variant(config, VARIANTS, "SD3")
+  if config is not None:
+    check_matches(infer_arch(source, layout), config, source.description)
+    base = config
+  else:
+    base = infer_config(source, layout, dcfg)
+  cfg = dataclasses.replace(
+    base, dtype=dtype, param_dtype=param_dtype or dtype, **runtime
+  )
+  check_pos_embed(source, layout, cfg)
+  pos_key = POS_EMBED_KEY[layout]
+  source = source.renamed(lambda k: None if k == pos_key else k)
+  rules = RULES[layout](cfg)
+  keymap.validate(
+    rules,
+    source,
+    f"SD3 ({layout} layout)",
+    "Is this a complete, unquantised SD3 / SD3.5 transformer checkpoint?",
+  )
+  model = load_model(
+    lambda: SD3(cfg, rngs=nnx.Rngs(0)), rules, source, cfg.param_dtype, sharding
+  )
+  return cfg, model
+
+
+def export_tensors(model, layout: str, config: SD3Config, dtype=None) -> dict:
+  """Layout tensors (lazy) of ``model``, ``pos_embed`` included."""
+  from leapalign_jax.convert.loading import export_tensors as from_rules
+
+  if layout not in RULES:
+    raise ConversionError(
+      f"unknown layout {layout!r}; use one of {list(LAYOUTS)}"
+    )
+  tensors = dict(from_rules(RULES[layout](config), model, dtype))
+  first = next(iter(tensors.values()))
+  table_dtype = np.dtype(first.dtype) if dtype is None else np.dtype(dtype)
+  n, D = config.pos_embed_max_size, config.hidden_size
+  tensors[POS_EMBED_KEY[layout]] = LazyTensor(
+    (1, n * n, D),
+    table_dtype,
+    lambda: pos_embed_table(config).astype(table_dtype),
+  )
+  return tensors
+
+
+def export_sd3(
+  model,
+  path: str,
+  layout: str = "diffusers",
+  *,
+  config: SD3Config | None = None,
+  dtype: str | None = None,
+) -> list[str]:
+  """Writes an SD3 model (or its Param state) for PyTorch tools.
+
+  Args:
+    model: an ``SD3`` module, or its Param state / pure dict with ``config``.
+    path: ``diffusers``: the ``transformer/`` folder (``config.json`` +
+      weights); ``stability``: the ``.safetensors`` file (keys under
+      ``model.diffusion_model.``, as in Stability's releases).
+    layout: ``"diffusers"`` or ``"stability"``.
+    config: required when ``model`` is not a module.
+    dtype: output dtype (default: the parameters' own).
+  """
+  from leapalign_jax.convert.loading import write_checkpoint
+
+  config = config or getattr(model, "config", None)
+  if config is None:
+    raise ConversionError("export_sd3 needs config= when given bare params")
+  tensors = export_tensors(model, layout, config, dtype)
+  if layout == "stability":
+    tensors = {SINGLE_FILE_PREFIX + k: v for k, v in tensors.items()}
+    return write_checkpoint(tensors, path, single_file="sd3.safetensors")
+  return write_checkpoint(
+    tensors, path, config_json=diffusers_config_dict(config)
+  )
