@@ -11,15 +11,13 @@ final layer's (shift, scale) halves.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 
 from leapalign_jax.convert import keymap
 from leapalign_jax.convert.errors import ConversionError
 from leapalign_jax.convert.keymap import Rule, Src, linear, reshape, swap_halves
-from leapalign_jax.convert.safetensors_io import TensorSource, open_folder
-from leapalign_jax.errors import require_local
+from leapalign_jax.convert.safetensors_io import TensorSource
+from leapalign_jax.convert.sources import open_transformer
 from leapalign_jax.models.flux import VARIANTS, FluxConfig
 
 BFL_PREFIXES = ("model.diffusion_model.",)
@@ -342,29 +340,7 @@ def open_checkpoint(path: str) -> tuple[TensorSource, str, dict]:
     (tensors with prefixes stripped, layout "bfl"|"diffusers", diffusers
     config dict or {}).
   """
-  require_local(path)
-  if not os.path.exists(path):
-    raise ConversionError(f"{path}: no such file or folder")
-  diffusers_config = {}
-  if os.path.isdir(path):
-    folder = path
-    if os.path.isdir(os.path.join(path, "transformer")):
-      folder = os.path.join(path, "transformer")
-    cfg_path = os.path.join(folder, "config.json")
-    if os.path.isfile(cfg_path):
-      with open(cfg_path) as f:
-        diffusers_config = json.load(f)
-    try:
-      source = open_folder(folder, "diffusion_pytorch_model")
-    except ConversionError:
-      singles = sorted(
-        f for f in os.listdir(folder) if f.endswith(".safetensors")
-      )
-      if len(singles) != 1:
-        raise
-      source = TensorSource.from_files([os.path.join(folder, singles[0])])
-  else:
-    source = TensorSource.from_files([path])
+  source, diffusers_config = open_transformer(path)
   source = _strip_prefix(source, BFL_PREFIXES + DIFFUSERS_PREFIXES)
   if "img_in.weight" in source:
     layout = "bfl"

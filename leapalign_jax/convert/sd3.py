@@ -17,8 +17,6 @@ export writes ours, so diffusers and the reference find the key they expect.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 
 import numpy as np
@@ -29,8 +27,8 @@ from leapalign_jax.convert.keymap import Src, Transform, linear, reshape
 from leapalign_jax.convert.safetensors_io import (
   LazyTensor,
   TensorSource,
-  open_folder,
 )
+from leapalign_jax.convert.sources import open_transformer
 from leapalign_jax.models.sd3 import VARIANTS, SD3Config
 from leapalign_jax.models.sd3_layers import sincos_1d
 
@@ -337,28 +335,7 @@ def open_checkpoint(path: str) -> tuple[TensorSource, str, dict]:
   without bundled text encoders and VAE: only ``model.diffusion_model.*`` is
   used), a diffusers ``transformer/`` folder or a pipeline root.
   """
-  if not os.path.exists(path):
-    raise ConversionError(f"{path}: no such file or folder")
-  dcfg = {}
-  if os.path.isdir(path):
-    folder = path
-    if os.path.isdir(os.path.join(path, "transformer")):
-      folder = os.path.join(path, "transformer")
-    cfg_path = os.path.join(folder, "config.json")
-    if os.path.isfile(cfg_path):
-      with open(cfg_path) as f:
-        dcfg = json.load(f)
-    try:
-      source = open_folder(folder, "diffusion_pytorch_model")
-    except ConversionError:
-      singles = sorted(
-        f for f in os.listdir(folder) if f.endswith(".safetensors")
-      )
-      if len(singles) != 1:
-        raise
-      source = TensorSource.from_files([os.path.join(folder, singles[0])])
-  else:
-    source = TensorSource.from_files([path])
+  source, dcfg = open_transformer(path)
   if any(k.startswith(SINGLE_FILE_PREFIX) for k in source):
     n = len(SINGLE_FILE_PREFIX)
     source = source.renamed(

@@ -224,3 +224,36 @@ def strip_prefix(source, anchors: Sequence[str]):
         if all(k.startswith(prefix) for k in source):
           return source.renamed(lambda k, p=prefix: k[len(p) :])
   return source
+
+
+def open_transformer(path: str) -> tuple[TensorSource, dict]:
+  """A diffusion transformer's tensors and its diffusers config (or {}).
+
+  ``path``: a single ``.safetensors`` file, a diffusers ``transformer/``
+  folder (sharded with its index, or one file), or a pipeline root holding
+  one.
+  """
+  import json
+
+  require_local(path)
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: no such file or folder")
+  if not os.path.isdir(path):
+    return TensorSource.from_files([path]), {}
+  folder = path
+  if os.path.isdir(os.path.join(path, "transformer")):
+    folder = os.path.join(path, "transformer")
+  config = {}
+  cfg_path = os.path.join(folder, "config.json")
+  if os.path.isfile(cfg_path):
+    with open(cfg_path) as f:
+      config = json.load(f)
+  try:
+    return open_folder(folder, "diffusion_pytorch_model"), config
+  except ConversionError:
+    singles = sorted(
+      f for f in os.listdir(folder) if f.endswith(".safetensors")
+    )
+    if len(singles) != 1:
+      raise
+    return TensorSource.from_files([os.path.join(folder, singles[0])]), config
