@@ -7,7 +7,7 @@ Random weights of the real architectures (nothing downloaded): FLUX.1-dev,
 its autoencoder and the HPSv2.1 ViT-H-14 reward, from the shipped config
 ``configs/leap_hpsv2_flux_dev.py:lora=1`` (LoRA rank 64 over a bf16 base,
 720², N = 25, remat ``full``, attention ``auto``), through the real jitted
-train step (``train.jit_train_step``) on one device. Sections, in order;
+train step (``step.jit_train_step``) on one device. Sections, in order;
 once ``--budget-s`` is spent the rest are skipped and say so:
 
 0. attention: the padded cuDNN kernel (``models/attention.py``) against XLA
@@ -73,7 +73,6 @@ from leapalign_jax import (  # noqa: E402
   methods,
   sampling,
   sharding,
-  train,
 )
 from leapalign_jax import step as step_lib  # noqa: E402
 from leapalign_jax.models import attention, autoencoder, clip, flux  # noqa: E402
@@ -438,12 +437,12 @@ def train_setup(mode: Mode, case: Case, mesh, attn_extra) -> TrainSetup:
   tx = step_lib.make_optimizer(config.optim)
   state_abs = run.abstract_state(tx)
   method = methods.get(config.method)
-  choice = train.host_choice(config, method, 0, run.sigmas)
+  choice = step_lib.host_choice(config, method, 0, run.sigmas)
   rep = sharding.replicated(mesh)
   choice_abs = {
     k: jax.ShapeDtypeStruct((), np.int32, sharding=rep) for k in choice
   }
-  step = train.jit_train_step(
+  step = step_lib.jit_train_step(
     config,
     run.step_fns,
     tx,
@@ -454,9 +453,12 @@ def train_setup(mode: Mode, case: Case, mesh, attn_extra) -> TrainSetup:
   )
   lowered = step.lower(state_abs, run.frozen, run.batch, choice_abs)
   geo = run.geometry
-  ae_cfg = autoencoder.VARIANTS[config.vae.variant]
   f = flops.train_step(
-    config, run.flux_config, ae_cfg, (geo.latent_h, geo.latent_w)
+    config,
+    run.family,
+    run.model_config,
+    run.autoencoder_config,
+    (geo.latent_h, geo.latent_w),
   )
   return TrainSetup(
     case, config, run, tx, state_abs, choice, Program(case.name, lowered), f
@@ -478,10 +480,10 @@ def parts_programs(setup: TrainSetup, mesh) -> dict:
   fz = run.frozen
 
   def fwd(p, frozen, x, t, batch):
-    return vel(p, frozen["flux"], x, t, batch)
+    return vel(p, frozen["model"], x, t, batch)
 
   def vjp(p, frozen, x, t, batch):
-    v, pull = jax.vjp(lambda p, x: vel(p, frozen["flux"], x, t, batch), p, x)
+    v, pull = jax.vjp(lambda p, x: vel(p, frozen["model"], x, t, batch), p, x)
     return pull(v)  # any cotangent of the right shape
 
   def reward_vjp(frozen, x0, batch):
@@ -813,7 +815,7 @@ def main(argv=None) -> int:
   ]
   if wanted and main_setup.case.name not in wanted:
     setups.remove(main_setup)
-  frozen_flux = main_setup.run.frozen["flux"]
+  frozen_flux = main_setup.run.frozen["model"]
   fwd_progs = {}
   for res, hw in {} if args.no_forward else mode.resolutions.items():
     for impl in ("cudnn", "xla") if gpu else ("xla",):

@@ -119,12 +119,12 @@ def base_eval(config_path, world, out):
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  from leapalign_jax import components, evaluate, sharding
+  from leapalign_jax import components, evaluation, sharding, worlds
 
   config = configs_io.load_config(config_path, [f"world_options.dir={world!r}"])
-  config = components.prepare_world(config, out)
+  config = worlds.prepare(config, out)
   comps = components.load(config, sharding.mesh_from_config(config.mesh))
-  summary = evaluate.evaluate(comps, comps.params, out, "base")
+  summary = evaluation.evaluate(comps, comps.params, out, "base")
   with open(path, "w") as f:
     json.dump(summary, f)
   return summary

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from leapalign_jax import components, methods, sharding, train
+from leapalign_jax import components, methods, sharding, worlds
 from leapalign_jax import step as step_lib
 
 
@@ -14,7 +14,7 @@ def compile_step(config, workdir):
     ``(compiled, args, comps)``: ``compiled(*args)`` runs the step on the
     first batch; ``compiled.memory_analysis()`` has its memory figures.
   """
-  config = components.prepare_world(config, workdir)
+  config = worlds.prepare(config, workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   comps = components.load(config, mesh)
   tx = step_lib.make_optimizer(config.optim)
@@ -25,7 +25,7 @@ def compile_step(config, workdir):
   batch = sharding.put_batch(
     comps.batch_to_arrays(comps.train_batches()[0]), mesh
   )
-  choice = train.host_choice(
+  choice = step_lib.host_choice(
     config, methods.get(config.method), 0, comps.sigmas
   )
   choice = {k: np.int32(v) for k, v in choice.items()}

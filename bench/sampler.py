@@ -28,10 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch_refs  # noqa: E402
 from timing import median_time  # noqa: E402
 
-from leapalign_jax import defaults, embed_prompts, sampling  # noqa: E402
+from leapalign_jax import defaults, sampling  # noqa: E402
 from leapalign_jax.convert import load_autoencoder, load_flux  # noqa: E402
+from leapalign_jax.families import flux as flux_family  # noqa: E402
+from leapalign_jax.families import flux_text  # noqa: E402
+from leapalign_jax.generation import noise_for  # noqa: E402
 from leapalign_jax.models.autoencoder import decode_fn  # noqa: E402
-from leapalign_jax.sample import make_sampler, noise_for  # noqa: E402
 
 PROMPTS = ["a red digit seven on the left", "a blue four at the top"]
 CONFIGS = {
@@ -64,20 +66,25 @@ def run(name, steps, repeats):
       dtype="float32",
       cache_dtype="float32",
     )
-    text = embed_prompts.TextEncoders(c)(PROMPTS)
+    text = flux_text.TextEncoders(c)(PROMPTS)
     _, flux = load_flux(root)
     ae_cfg, ae = load_autoencoder(root)
   decode, vae_params = decode_fn(ae)
   graphdef, params = nnx.split(flux, nnx.Param)
   lh, lw, zc = ae_cfg.latent_shape(size, size)
-  sampler = make_sampler(graphdef, decode, (lh // 2, lw // 2), 3.5)
+  grid = (lh // 2, lw // 2)
+  sampler = sampling.make_sampler(
+    graphdef,
+    lambda m, x, t, c: flux_family.call(m, x, t, c, grid, 3.5),
+    decode,
+    grid,
+  )
   sigmas = jnp.asarray(sampling.get_schedule(steps, (lh // 2) * (lw // 2)))
   x1 = noise_for([0, 1], (lh, lw, zc))
   args = (
     params,
     vae_params,
-    jnp.asarray(text["t5"]),
-    jnp.asarray(text["clip_pooled"]),
+    {k: jnp.asarray(text[k]) for k in flux_family.TEXT_FIELDS},
     jnp.asarray(x1),
     sigmas,
   )

@@ -60,11 +60,13 @@ def parts(comps, state, batch, repeats):
   params = state["params"]
   x = fns.noise(jax.random.key(0), batch["t5"].shape[0])
   t = jnp.full((x.shape[0],), 0.5, jnp.float32)
-  fwd = jax.jit(lambda p, x: fns.velocity(p, frozen["flux"], x, t, batch))
+  fwd = jax.jit(lambda p, x: fns.velocity(p, frozen["model"], x, t, batch))
 
   @jax.jit
   def vjp(p, x):
-    v, pull = jax.vjp(lambda p: fns.velocity(p, frozen["flux"], x, t, batch), p)
+    v, pull = jax.vjp(
+      lambda p: fns.velocity(p, frozen["model"], x, t, batch), p
+    )
     return pull(v)
 
   @jax.jit

@@ -4,10 +4,10 @@
       --topology v5p-64 [key=value ...]
 
 Builds the run's models abstractly from their ``variant`` fields (no weights:
-``components.abstract``), the mesh from ``config.mesh`` over the compile-only
+``abstract_run.build``), the mesh from ``config.mesh`` over the compile-only
 devices of the topology (libtpu's topology description, as MaxText's
 ``train_compile`` does), and compiles the real jitted step
-(``train.jit_train_step``) with the real TPU compiler. Prints per-chip memory
+(``step.jit_train_step``) with the real TPU compiler. Prints per-chip memory
 (``memory_analysis()``), compile time and the step's model FLOPs (counted
 analytically: ``flops``), and exits 1 when the step does not fit (the
 compiler's ``RESOURCE_EXHAUSTED``, or a peak above the chip's HBM or the
@@ -189,13 +189,12 @@ def compile_step(
   """
   import jax
 
-  from leapalign_jax import components, flops, methods, sharding, train
+  from leapalign_jax import abstract_run, flops, methods, sharding
   from leapalign_jax import step as step_lib
-  from leapalign_jax.models import autoencoder
 
   mesh = sharding.mesh_from_config(config.mesh, devices)
   sharding.check_batch(config.data.global_batch, mesh)
-  run = components.abstract(config, mesh)
+  run = abstract_run.build(config, mesh)
   tx = step_lib.make_optimizer(config.optim)
   state = run.abstract_state(tx)
   rep = sharding.replicated(mesh)
@@ -204,7 +203,7 @@ def compile_step(
     np.random.default_rng(0), len(run.sigmas) - 1, config, run.sigmas
   )
   choice = {k: jax.ShapeDtypeStruct((), np.int32, sharding=rep) for k in drawn}
-  step = train.jit_train_step(
+  step = step_lib.jit_train_step(
     config,
     run.step_fns,
     tx,
@@ -217,10 +216,13 @@ def compile_step(
   report = Report(
     topology or kind, len(devices), kind, dict(mesh.shape), False, 0.0
   )
-  ae_cfg = autoencoder.VARIANTS[config.vae.variant]
   geo = run.geometry
   f = flops.train_step(
-    config, run.flux_config, ae_cfg, (geo.latent_h, geo.latent_w)
+    config,
+    run.family,
+    run.model_config,
+    run.autoencoder_config,
+    (geo.latent_h, geo.latent_w),
   )
   report.flops, report.flops_hardware = f.total, f.hardware
   report.flops_parts = {"dit": f.dit, "vae": f.vae, "reward": f.reward}

@@ -1,18 +1,21 @@
-"""Builds a run's models and pure functions from its config.
+"""Builds a run's models and pure functions from its config (the assembly).
 
-``load(config, mesh)`` reads the Flux transformer, its autoencoder and the
-reward models from their checkpoint files (through the converters), places
-them on the mesh, adds LoRA adapters when configured, opens the prompt
-caches and returns a ``Components`` bundle: the trainable Flux parameters,
-the frozen pytrees, and the pure velocity / reward / noise functions the
-train step, the sampler and the evaluation share.
+``load(config, mesh)`` reads the flow model of the run's family
+(``families.of(config)``), its autoencoder and the reward models from their
+checkpoint files (through the converters), places them on the mesh, adds
+LoRA adapters when configured, opens the prompt caches and returns a
+``Components`` bundle: the trainable parameters, the frozen pytrees, and the
+pure velocity / reward / noise functions the train step, the sampler and the
+evaluation share. ``abstract_run`` builds the same from shapes alone.
+
+Nothing here imports a world, a command or the evaluation: the commands
+prepare the config (``worlds.prepare``) and call this.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -21,67 +24,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from leapalign_jax import data, fileio, sampling, sharding, staging
+from leapalign_jax import data, families, sampling, sharding
 from leapalign_jax import step as step_lib
-from leapalign_jax.errors import UserError
+from leapalign_jax.errors import ConfigError
+from leapalign_jax.families import Family, Geometry
 
 _LOG = logging.getLogger(__name__)
-
-
-class ConfigError(UserError):
-  """A config names a missing file or an impossible combination."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """Image and latent sizes of a run (the autoencoder fixes the factor)."""
-
-  height: int
-  width: int
-  latent_h: int
-  latent_w: int
-  channels: int
-
-  @property
-  def tokens(self) -> tuple[int, int]:
-    return self.latent_h // 2, self.latent_w // 2
-
-  @property
-  def seq_len(self) -> int:
-    h, w = self.tokens
-    return h * w
-
-
-def prepare_world(config: ml_collections.ConfigDict, workdir: str):
-  """Builds the world's artefacts if the config names one; returns the config.
-
-  ``digits`` and ``random`` worlds write their models and prompt caches under
-  the workdir (skipping what exists) and fill in the paths.
-  """
-  if config.world == "digits":
-    from leapalign_jax.worlds import digits_pipeline
-
-    return digits_pipeline.prepare(config, workdir)
-  if config.world == "random":
-    from leapalign_jax.worlds import random_world
-
-    return random_world.prepare(config, workdir)
-  if config.world:
-    raise ConfigError(
-      f"unknown world {config.world!r}; use '', 'digits' or 'random'"
-    )
-  # gs:// paths are read from this host's staged copies (staging.py).
-  config = staging.resolve_config(config)
-  for field in ("flux.path", "vae.path", "data.train_cache"):
-    section, key = field.split(".")
-    path = config[section][key]
-    if not path:
-      raise ConfigError(
-        f"config.{field} is empty; point it at your checkpoint/cache"
-      )
-    if "://" not in path and not os.path.exists(path):
-      raise ConfigError(f"config.{field}: {path} does not exist")
-  return config
 
 
 def _place(tree, mesh, rules, shard: bool):
@@ -98,10 +46,11 @@ class Components:
 
   config: ml_collections.ConfigDict
   mesh: Any
-  flux_config: Any
+  family: Family
+  model_config: Any
   graphdef: Any
   params: Any  # initial trainable params (sharded); copied into the state
-  frozen: dict[str, Any]
+  frozen: dict[str, Any]  # {model, vae, reward}
   step_fns: step_lib.StepFns
   sigmas: np.ndarray
   geometry: Geometry
@@ -177,17 +126,18 @@ class Components:
 
   @property
   def batch_fields(self) -> tuple[str, ...]:
-    """The cache fields a step reads: embeddings, each reward's ids."""
+    """The cache fields a step reads: conditioning, each reward's ids."""
     ids = tuple(data.ids_field(n) for n in self.reward.tokenizers)
-    return (*data.TEXT_FIELDS, *ids)
+    return (*self.family.text_fields, *ids)
 
   def batch_to_arrays(self, element: dict[str, np.ndarray]):
     return {k: np.asarray(element[k]) for k in self.batch_fields}
 
   # --- models -------------------------------------------------------------
 
-  def flux_model(self, params):
-    frozen = self.frozen["flux"]
+  def model(self, params):
+    """The flow model with ``params`` (and the frozen LoRA base)."""
+    frozen = self.frozen["model"]
     states = (params,) if frozen is None else (params, frozen)
     return nnx.merge(self.graphdef, *states)
 
@@ -201,62 +151,32 @@ class Components:
     )
 
   def _make_sample_fn(self, num_steps: int):
-    from leapalign_jax.sample import make_sampler
+    fam, geo = self.family, self.geometry
+    guidance = fam.guidance(self.model_config, self.config.sampling.guidance)
 
-    g = (
-      self.config.sampling.guidance if self.flux_config.guidance_embed else None
+    def velocity(model, x, t, cond):
+      return fam.velocity(model, x, t, cond, geo, guidance)
+
+    sampler = sampling.make_sampler(
+      self.graphdef, velocity, self.decode, geo.tokens
     )
-    sampler = make_sampler(self.graphdef, self.decode, self.geometry.tokens, g)
     sigmas = jnp.asarray(self.sigma_grid(num_steps))
-    geo = self.geometry
     latent = (geo.latent_h, geo.latent_w, geo.channels)
 
     @jax.jit
     def sample(params, frozen, batch, keys):
       # One seed per image: its noise does not depend on the batch
-      # (the same function as leapalign_jax.sample's).
+      # (the same function as generation.Sampler's).
       x1 = sampling.seed_noise(keys, latent)
-      states = (params,) if frozen["flux"] is None else (params, frozen["flux"])
-      return sampler(
-        states, frozen["vae"], batch["t5"], batch["clip_pooled"], x1, sigmas
-      )
+      fm = frozen["model"]
+      states = (params,) if fm is None else (params, fm)
+      cond = {k: batch[k] for k in fam.text_fields}
+      return sampler(states, frozen["vae"], cond, x1, sigmas)
 
     return sample
 
   def sigma_grid(self, num_steps: int) -> np.ndarray:
-    return sampling.get_schedule(
-      num_steps, self.geometry.seq_len, shift=self.config.sampling.shift
-    )
-
-  def sample_grid(self, state, step: int, workdir: str) -> str | None:
-    """Fixed-seed EMA samples of the first eval prompts, saved as a PNG."""
-    from leapalign_jax import evaluate, images
-
-    cache = self.eval_cache or self.train_cache
-    n = min(self.config.eval.grid_images, len(cache))
-    imgs = evaluate.generate(
-      self,
-      state["ema"],
-      cache,
-      list(range(n)),
-      seed=self.config.eval.seed,
-      num_steps=self.config.sampling.num_steps,
-    )
-    if jax.process_index() != 0:
-      return None
-    return images.save_grid(
-      imgs, fileio.join(workdir, "samples", f"step_{step:06d}.png")
-    )
-
-  def export(self, state, workdir: str) -> list[str]:
-    """Writes the EMA weights for PyTorch tools (process 0)."""
-    from leapalign_jax import export as export_lib
-
-    if not self.config.export.enabled:
-      return []
-    return export_lib.export_run(
-      self, state["ema"], fileio.join(workdir, "export")
-    )
+    return self.family.schedule(self.config, num_steps, self.geometry.seq_len)
 
 
 def abstract_train_state(params, tx, seed: int, mesh):
@@ -274,49 +194,13 @@ def abstract_train_state(params, tx, seed: int, mesh):
   )
 
 
-def abstract(config: ml_collections.ConfigDict, mesh):
-  """The run's step inputs from ``*.variant`` fields, without any weights.
-
-  Same graph, shardings and step functions as ``load``, built with
-  ``nnx.eval_shape`` (``abstract_run.AbstractRun``): the input of the
-  ahead-of-time compile (``leapalign_jax.aot``).
-  """
-  from leapalign_jax import abstract_run
-
-  return abstract_run.build(config, mesh)
-
-
-def _load_flux(config, mesh):
-  from leapalign_jax.convert import load_flux
-
-  rules = config.mesh.rules
-  f = config.flux
-  flux_cfg, model = load_flux(
-    f.path,
-    config=f.get("variant") or None,
-    dtype=f.dtype,
-    param_dtype=f.param_dtype,
-    remat=f.remat,
-    attention=f.attention,
-    scan_layers=f.scan_layers,
-    sharding=lambda state: sharding.logical_to_mesh(state, mesh, rules),
-  )
-  lora_paths = _add_lora(config, model)
-  if lora_paths:
-    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
-    params = _place(params, mesh, rules, True)
-  else:
-    graphdef, params = nnx.split(model, nnx.Param)
-    frozen = None
-  return flux_cfg, graphdef, params, frozen, lora_paths
-
-
-def _add_lora(config, model) -> tuple[str, ...]:
+def add_lora(config, model) -> tuple[str, ...]:
   """LoRA adapters on ``model`` when configured; their module paths."""
   from leapalign_jax.models import lora as lora_lib
 
   if not config.lora.enabled:
     return ()
+  base_dtype = families.section(config).param_dtype
   return tuple(
     lora_lib.add_lora(
       model,
@@ -324,12 +208,25 @@ def _add_lora(config, model) -> tuple[str, ...]:
       config.lora.rank,
       config.lora.alpha,
       rngs=nnx.Rngs(config.seed),
-      # Adapters train in fp32 even over a bf16 base (flux.param_dtype).
-      param_dtype=jnp.dtype(
-        config.lora.get("param_dtype") or config.flux.param_dtype
-      ),
+      # Adapters train in fp32 even over a bf16 base (<section>.param_dtype).
+      param_dtype=jnp.dtype(config.lora.get("param_dtype") or base_dtype),
     )
   )
+
+
+def _load_model(config, family: Family, mesh):
+  rules = config.mesh.rules
+  model_cfg, model = family.load(
+    config, lambda state: sharding.logical_to_mesh(state, mesh, rules)
+  )
+  lora_paths = add_lora(config, model)
+  if lora_paths:
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    params = _place(params, mesh, rules, True)
+  else:
+    graphdef, params = nnx.split(model, nnx.Param)
+    frozen = None
+  return model_cfg, graphdef, params, frozen, lora_paths
 
 
 def load(config: ml_collections.ConfigDict, mesh) -> Components:
@@ -338,7 +235,10 @@ def load(config: ml_collections.ConfigDict, mesh) -> Components:
   from leapalign_jax.convert import load_autoencoder
   from leapalign_jax.models.autoencoder import decode_fn
 
-  flux_cfg, graphdef, params, frozen_flux, lora_paths = _load_flux(config, mesh)
+  family = families.of(config)
+  model_cfg, graphdef, params, frozen_model, lora_paths = _load_model(
+    config, family, mesh
+  )
   ae_cfg, ae = load_autoencoder(
     config.vae.path, dtype=config.vae.dtype, remat=config.vae.remat
   )
@@ -348,14 +248,14 @@ def load(config: ml_collections.ConfigDict, mesh) -> Components:
   reward = rewards.build(config.rewards)
   reward_params = _place(reward.params, mesh, rules, shard)
 
-  geo = _geometry(config, ae_cfg, flux_cfg)
+  geo = geometry(config, family, model_cfg, ae_cfg)
   train_cache = data.PromptCache(config.data.train_cache)
   eval_cache = (
     data.PromptCache(config.data.eval_cache) if config.data.eval_cache else None
   )
-  _check_cache(train_cache, flux_cfg, reward)
+  check_cache(train_cache, family, model_cfg, reward)
   if eval_cache is not None:
-    _check_cache(eval_cache, flux_cfg, reward)
+    check_cache(eval_cache, family, model_cfg, reward)
     if eval_cache.encoders != train_cache.encoders:
       raise ConfigError(
         "data.eval_cache and data.train_cache were embedded by different "
@@ -363,15 +263,16 @@ def load(config: ml_collections.ConfigDict, mesh) -> Components:
       )
 
   step_fns, sigmas = make_step_fns(
-    config, graphdef, flux_cfg, geo, decode, reward
+    config, family, graphdef, model_cfg, geo, decode, reward
   )
   return Components(
     config=config,
     mesh=mesh,
-    flux_config=flux_cfg,
+    family=family,
+    model_config=model_cfg,
     graphdef=graphdef,
     params=params,
-    frozen={"flux": frozen_flux, "vae": vae_params, "reward": reward_params},
+    frozen={"model": frozen_model, "vae": vae_params, "reward": reward_params},
     step_fns=step_fns,
     sigmas=sigmas,
     geometry=geo,
@@ -383,8 +284,8 @@ def load(config: ml_collections.ConfigDict, mesh) -> Components:
   )
 
 
-def _geometry(config, ae_cfg, flux_cfg) -> Geometry:
-  """Image / latent sizes of the run; checks the VAE and Flux fit together."""
+def geometry(config, family: Family, model_cfg, ae_cfg) -> Geometry:
+  """Image / latent sizes of the run; checks the VAE and model fit together."""
   s = config.sampling
   lh, lw, zc = ae_cfg.latent_shape(s.height, s.width)
   if lh % 2 or lw % 2:
@@ -392,48 +293,31 @@ def _geometry(config, ae_cfg, flux_cfg) -> Geometry:
       f"sampling {s.height}x{s.width} gives a {lh}x{lw} latent; the packed "
       "2x2 patches need even latent sides"
     )
-  if 4 * zc != flux_cfg.in_channels:
+  if zc != family.latent_channels(model_cfg):
     raise ConfigError(
-      f"the autoencoder has {zc} latent channels but Flux expects "
-      f"{flux_cfg.in_channels // 4}; they do not belong together"
+      f"the autoencoder has {zc} latent channels but the {family.name} model "
+      f"expects {family.latent_channels(model_cfg)}; they do not belong "
+      "together"
     )
   return Geometry(s.height, s.width, lh, lw, zc)
 
 
-def flux_velocity(model, x_BLC, t_B, batch, tokens, guidance=None):
-  """Flux's velocity for packed latents and a cached-embedding batch.
-
-  ``tokens`` is the ``(h, w)`` token grid; ``guidance`` the distilled
-  guidance scale (None for models without a guidance embedding).
-  """
-  B = x_BLC.shape[0]
-  return model(
-    img=x_BLC,
-    img_ids=sampling.img_ids(B, *tokens),
-    txt=batch["t5"],
-    txt_ids=sampling.txt_ids(B, batch["t5"].shape[1]),
-    timesteps=t_B,
-    y=batch["clip_pooled"],
-    guidance=None
-    if guidance is None
-    else jnp.full((B,), guidance, jnp.float32),
-  )
-
-
-def make_step_fns(config, graphdef, flux_cfg, geo: Geometry, decode, reward):
+def make_step_fns(
+  config, family: Family, graphdef, model_cfg, geo: Geometry, decode, reward
+):
   """The step's velocity / reward / noise functions and its sigma grid.
 
-  Shared by ``load`` (real weights) and ``abstract`` (shapes only), so the
-  ahead-of-time compile builds exactly the training program.
+  Shared by ``load`` (real weights) and ``abstract_run`` (shapes only), so
+  the ahead-of-time compile builds exactly the training program.
   """
   s = config.sampling
-  guidance = float(s.guidance) if flux_cfg.guidance_embed else None
+  guidance = family.guidance(model_cfg, s.guidance)
   h_tok, w_tok = geo.tokens
 
-  def velocity(p, frozen_flux, x, t, batch):
-    states = (p,) if frozen_flux is None else (p, frozen_flux)
+  def velocity(p, frozen_model, x, t, batch):
+    states = (p,) if frozen_model is None else (p, frozen_model)
     model = nnx.merge(graphdef, *states)
-    return flux_velocity(model, x, t, batch, geo.tokens, guidance)
+    return family.velocity(model, x, t, batch, geo, guidance)
 
   def reward_fn(frozen, x0, batch):
     z = sampling.unpack_tokens(x0, h_tok, w_tok)
@@ -447,19 +331,13 @@ def make_step_fns(config, graphdef, flux_cfg, geo: Geometry, decode, reward):
     )
     return sampling.pack(z)
 
-  sigmas = sampling.get_schedule(s.num_steps, geo.seq_len, shift=s.shift)
+  sigmas = family.schedule(config, s.num_steps, geo.seq_len)
   return step_lib.StepFns(velocity, reward_fn, noise), sigmas
 
 
-def _check_cache(cache: data.PromptCache, flux_cfg, reward) -> None:
-  t5 = cache.field_shape("t5")
-  clip = cache.field_shape("clip_pooled")
-  if t5[-1] != flux_cfg.context_in_dim or clip[-1] != flux_cfg.vec_in_dim:
-    raise ConfigError(
-      f"{cache.folder}: embeddings are T5 {t5} / CLIP {clip} but Flux expects "
-      f"{flux_cfg.context_in_dim} / {flux_cfg.vec_in_dim} features; embed the "
-      "prompts with this model's text encoders"
-    )
+def check_cache(cache: data.PromptCache, family: Family, model_cfg, reward):
+  """Refuses a prompt cache made for another model or other rewards."""
+  family.check_cache(cache, model_cfg)
   tokenized = cache.encoders.get("rewards", {})
   for name, style in reward.tokenizers.items():
     field = data.ids_field(name)

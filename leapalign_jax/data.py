@@ -36,7 +36,6 @@ from leapalign_jax.errors import UserError, require_local
 MANIFEST = "manifest.json"
 # 2: reward ids per reward (``reward_ids/<name>``); 1 had one ``reward_ids``.
 FORMAT_VERSION = 2
-TEXT_FIELDS = ("t5", "clip_pooled")
 IDS_PREFIX = "reward_ids/"
 
 

@@ -28,6 +28,10 @@ class UserError(ValueError):
   """Bad input from the user: reported as one line, exit status 2."""
 
 
+class ConfigError(UserError):
+  """A config names a missing file or an impossible combination."""
+
+
 class NonFiniteError(RuntimeError):
   """Too many consecutive non-finite steps; the last good state is saved."""
 
@@ -84,9 +88,23 @@ def require_local(path: object, what: str = "") -> None:
       (``leapalign_jax.staging``) that copies it to this host.
   """
   if "://" in str(path):
-    from leapalign_jax import staging
+    raise UserError(not_staged_message(str(path), what))
 
-    raise UserError(staging.not_staged_message(str(path), what))
+
+# The staging command (``leapalign_jax.staging``); named here so that the
+# errors of every layer can point at it without importing it.
+STAGING_COMMAND = "python -m leapalign_jax.staging"
+
+
+def not_staged_message(url: str, what: str = "") -> str:
+  """The one line for a ``://`` path that has no local copy here."""
+  where = f"{what}: " if what else ""
+  return (
+    f"{where}{url} is not on this host's disk (the loaders memory-map local "
+    f"files); copy it here first with `{STAGING_COMMAND} --src {url}` (or "
+    "`--config <the run's config>`; on a TPU slice `launch/tpu.sh stage`), "
+    "then run again with the same path"
+  )
 
 
 def one_line(message: object) -> str:

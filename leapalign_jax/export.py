@@ -20,12 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from leapalign_jax import fileio
-from leapalign_jax.convert import export_flux
-from leapalign_jax.convert import lora as lora_convert
+from leapalign_jax import families, fileio
 from leapalign_jax.convert.safetensors_io import read_header, write_json_atomic
 
-BFL_FILE = "flux1-leapalign.safetensors"
 LORA_INFO = "lora_info.json"
 
 _LOG = logging.getLogger(__name__)
@@ -69,8 +66,8 @@ def export_run(comps, ema_params: Any, folder: str) -> list[str]:
   half of one locally; the resumed run exports again.
 
   Args:
-    comps: the run's ``Components`` (``config``, ``graphdef``, ``frozen``,
-      ``lora_paths``, ``flux_model(params)``).
+    comps: the run's ``Components`` (``config``, ``family``, ``graphdef``,
+      ``frozen``, ``lora_paths``, ``model(params)``).
     ema_params: the trainable EMA params (LoRA adapters, or every weight).
     folder: the export folder (created).
 
@@ -85,7 +82,7 @@ def export_run(comps, ema_params: Any, folder: str) -> list[str]:
   else:
     # Adapters are small; the frozen base is only read for a fused export.
     params = gather_to_host(ema_params, keep=writer)
-    frozen = comps.frozen["flux"]
+    frozen = comps.frozen["model"]
     if cfg.get("lora_merged", False):
       frozen = gather_to_host(frozen, dtype=cfg.dtype, keep=writer)
   if not writer:
@@ -99,29 +96,15 @@ def export_run(comps, ema_params: Any, folder: str) -> list[str]:
 
 def _write(comps, params: Any, frozen: Any, folder: str) -> list[str]:
   """The export files of ``export_run`` (process 0), under ``folder``."""
-  cfg = comps.config.export
+  cfg, family = comps.config.export, comps.family
   if not comps.lora_paths:
-    path = _full_path(folder, cfg.layout)
-    return export_flux(
-      comps.flux_model(params), path, layout=cfg.layout, dtype=cfg.dtype
-    )
+    return family.export(comps.model(params), folder, cfg.layout, cfg.dtype)
   model = nnx.merge(comps.graphdef, params, frozen)
-  written = lora_convert.export_flux_lora(
-    model, os.path.join(folder, lora_convert.LORA_WEIGHT_NAME), dtype=cfg.dtype
-  )
+  written = family.export_lora(model, folder, cfg.dtype)
   written += _write_info(comps, folder, written[0])
   if cfg.get("lora_merged", False):
-    written += lora_convert.export_flux_merged(
-      model, _full_path(folder, cfg.layout), layout=cfg.layout, dtype=cfg.dtype
-    )
+    written += family.export_merged(model, folder, cfg.layout, cfg.dtype)
   return written
-
-
-def _full_path(folder: str, layout: str) -> str:
-  """Where ``export_flux`` writes full weights in ``layout``."""
-  if layout == "bfl":
-    return os.path.join(folder, BFL_FILE)
-  return os.path.join(folder, "transformer")
 
 
 def _write_info(comps, folder: str, lora_file: str) -> list[str]:
@@ -132,7 +115,7 @@ def _write_info(comps, folder: str, lora_file: str) -> list[str]:
     i.shape[0] for k, i in infos.items() if k.endswith(".lora_A.weight")
   )
   info = {
-    "base_model": config.flux.path,
+    "base_model": families.section(config).path,
     "rank": config.lora.rank,
     "alpha": config.lora.alpha,
     "targets": list(config.lora.targets),
@@ -146,7 +129,9 @@ def _write_info(comps, folder: str, lora_file: str) -> list[str]:
   write_json_atomic(info_path, info)
   readme = os.path.join(folder, "README.md")
   with open(readme, "w") as f:
-    f.write(_README.format(base=config.flux.path, rank=config.lora.rank))
+    f.write(
+      _README.format(base=families.section(config).path, rank=config.lora.rank)
+    )
   return [info_path, readme]
 
 

@@ -147,10 +147,13 @@ class Calls:
   recompute: int  # forwards rematerialisation adds per differentiated call
 
 
-def dit_calls(config: ml_collections.ConfigDict) -> Calls:
-  """How many DiT calls one step of ``config.method`` makes per image."""
+def dit_calls(config: ml_collections.ConfigDict, remat: bool) -> Calls:
+  """How many DiT calls one step of ``config.method`` makes per image.
+
+  ``remat``: the model rematerialises its blocks (``<section>.remat``).
+  """
   T, m = config.sampling.num_steps, config.method
-  remat = int(config.flux.remat != "none")
+  remat = int(remat)
   if m == "leapalign":
     n = config.leap.num_leaps
     extra = n if config.leap.grad_passes == "recompute" else 0
@@ -229,25 +232,29 @@ def dit_backward(parts: DitFlops, lora_fwd: float, lora: bool) -> float:
 
 def train_step(
   config: ml_collections.ConfigDict,
-  flux_cfg: Any,
+  family: Any,
+  model_cfg: Any,
   ae_cfg: Any,
   latent_hw: tuple[int, int],
 ) -> StepFlops:
   """FLOPs of one step of ``config.method`` over the global batch.
 
   Args:
-    config: the run config (method, batch, remat, LoRA, rewards with
-      variants).
-    flux_cfg, ae_cfg: the Flux and autoencoder configs.
+    config: the run config (method, batch, LoRA, rewards with variants).
+    family: the run's model family (``families.Family``: its ``dit_flops``,
+      ``adapter_flops``, ``text_tokens`` and config section).
+    model_cfg, ae_cfg: the flow model's and the autoencoder's configs.
     latent_hw: the latent's height and width (packed tokens: a quarter).
   """
   B = config.data.global_batch
   lh, lw = latent_hw
-  n_img, n_txt = (lh // 2) * (lw // 2), config.text.t5_max_length
-  calls = dit_calls(config)
-  parts = dit_parts(flux_cfg, n_img, n_txt)
+  n_img, n_txt = (lh // 2) * (lw // 2), family.text_tokens(config)
+  calls = dit_calls(config, config[family.section].remat != "none")
+  parts = family.dit_flops(model_cfg, n_img, n_txt)
   lora = bool(config.lora.enabled)
-  adapters = lora_forward(flux_cfg, n_img, n_txt, config.lora.rank) * lora
+  adapters = (
+    family.adapter_flops(model_cfg, n_img, n_txt, config.lora.rank) * lora
+  )
   fwd = parts.total + adapters
   dit = B * (
     calls.forwards * fwd + calls.grads * dit_backward(parts, adapters, lora)

@@ -399,3 +399,40 @@ def rollout_with_grad(
 def _skip_step(params: Any, x_BLC: jax.Array, i: jax.Array) -> jax.Array:
   del params, i
   return x_BLC
+
+
+def make_sampler(
+  graphdef: Any,
+  velocity: Callable[..., jax.Array],
+  decode: Callable,
+  token_grid: tuple[int, int],
+  with_latents: bool = False,
+) -> Callable:
+  """A jitted ``(states, vae_params, cond, x1, sigmas) -> images``.
+
+  Args:
+    graphdef: the flow model's ``nnx`` graph.
+    velocity: ``(model, x_BLC, t_B, cond) -> v_BLC`` (a family's velocity
+      with its guidance bound).
+    decode: ``(vae_params, z_BHWC) -> images``.
+    token_grid: the packed latent's ``(h, w)`` token grid.
+    with_latents: also return the denoised NHWC latents.
+
+  The returned function takes the model's state (or a tuple of states to
+  merge, e.g. LoRA + base), the conditioning dict, packed noise
+  ``[B, L, C]`` and the sigma grid; images are NHWC in ``[-1, 1]``.
+  """
+  from flax import nnx
+
+  h_tok, w_tok = token_grid
+
+  @jax.jit
+  def sample(states, vae_params, cond, x1, sigmas):
+    states = states if isinstance(states, tuple) else (states,)
+    model = nnx.merge(graphdef, *states)
+    x0 = denoise(lambda _, x, t: velocity(model, x, t, cond), None, x1, sigmas)
+    z = unpack_tokens(x0, h_tok, w_tok)
+    imgs = jnp.clip(decode(vae_params, z), -1.0, 1.0)
+    return (imgs, z) if with_latents else imgs
+
+  return sample

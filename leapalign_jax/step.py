@@ -6,10 +6,11 @@ method, the optimizer) and returns
   ``step(state, frozen, batch, choice) -> (state, metrics)``
 
 state:  ``{params, ema, opt_state, step, rng}`` (trainable params only: the
-        full Flux, or its LoRA adapters), donated.
-frozen: ``{flux, vae, reward}`` parameter pytrees that receive no gradient
-        (``flux`` is the LoRA base, or empty for a full fine-tune).
-batch:  ``{t5, clip_pooled, reward_ids/<name>...}`` for the global batch.
+        whole flow model, or its LoRA adapters), donated.
+frozen: ``{model, vae, reward}`` parameter pytrees that receive no gradient
+        (``model`` is the LoRA base, or None for a full fine-tune).
+batch:  the family's conditioning fields (Flux: ``t5``, ``clip_pooled``)
+        and ``reward_ids/<name>...``, for the global batch.
 choice: the method's host-drawn indices, traced int32 scalars.
 
 Inside: noise from ``fold_in(rng, step)`` → the method's rollout + gradient
@@ -29,13 +30,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from leapalign_jax import sharding
 from leapalign_jax.methods import base as methods_base
 
 
 class StepFns(NamedTuple):
   """The model-facing pure functions the step closes over.
 
-  velocity: ``(params, frozen_flux, x_BLC, t_B, batch) -> v_BLC`` float32.
+  velocity: ``(params, frozen_model, x_BLC, t_B, batch) -> v_BLC`` float32.
   reward:   ``(frozen, x0_BLC, batch) -> r_B``; decode + reward, frozen.
   noise:    ``(key, batch_size) -> x1_BLC``; packed latent noise.
   """
@@ -129,9 +131,9 @@ def make_train_step(
       jax.random.wrap_key_data(state["rng"]), state["step"]
     )
     noise_key, method_key = jax.random.split(key)
-    batch_size = batch["t5"].shape[0]
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
     problem = methods_base.Problem(
-      velocity=lambda p, x, t: fns.velocity(p, frozen["flux"], x, t, batch),
+      velocity=lambda p, x, t: fns.velocity(p, frozen["model"], x, t, batch),
       reward=lambda x0: fns.reward(frozen, x0, batch),
       sigmas=jnp.asarray(sigmas),
       noise=fns.noise(noise_key, batch_size),
@@ -168,3 +170,30 @@ def make_train_step(
     return new_state, metrics
 
   return step
+
+
+def host_choice(
+  config, method, step: int, sigmas: np.ndarray
+) -> dict[str, int]:
+  """The method's host-side draws for ``step``: a pure function of the seed."""
+  rng = np.random.default_rng((config.seed, 114, step))
+  return method.sample_choice(rng, len(sigmas) - 1, config, sigmas)
+
+
+def jit_train_step(
+  config, step_fns, tx, sigmas, state_shardings, frozen_shardings, mesh
+):
+  """The jitted train step: the one program both training and ``aot`` build.
+
+  Explicit state shardings keep the state's placement from step to step, so
+  one program serves the whole run and a resumed run (restored with the
+  same shardings) executes exactly the same program. The batch keeps the
+  shardings it arrives with (``sharding.put_batch``); the state is donated.
+  """
+  step = make_train_step(config, step_fns, tx, sigmas)
+  return jax.jit(
+    sharding.under_rules(step, mesh, config.mesh.rules),
+    in_shardings=(state_shardings, frozen_shardings, None, None),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )

@@ -149,14 +149,6 @@ def write_config(
   )
 
 
-def host_choice(
-  config, method, step: int, sigmas: np.ndarray
-) -> dict[str, int]:
-  """The method's host-side draws for ``step``: a pure function of the seed."""
-  rng = np.random.default_rng((config.seed, 114, step))
-  return method.sample_choice(rng, len(sigmas) - 1, config, sigmas)
-
-
 def batch_arithmetic(global_batch: int, mesh) -> str:
   """One line: the batch per host, per device group, per device; the mesh."""
   blocks = sharding.num_batch_blocks(
@@ -171,25 +163,6 @@ def batch_arithmetic(global_batch: int, mesh) -> str:
     f"(replicated over tensor={mesh.shape['tensor']}); mesh "
     f"{dict(mesh.shape)} over {mesh.devices.size} devices"
     + (f", {slices} slices" if slices > 1 else "")
-  )
-
-
-def jit_train_step(
-  config, step_fns, tx, sigmas, state_shardings, frozen_shardings, mesh
-):
-  """The jitted train step: the one program both training and ``aot`` build.
-
-  Explicit state shardings keep the state's placement from step to step, so
-  one program serves the whole run and a resumed run (restored with the
-  same shardings) executes exactly the same program. The batch keeps the
-  shardings it arrives with (``sharding.put_batch``); the state is donated.
-  """
-  step = step_lib.make_train_step(config, step_fns, tx, sigmas)
-  return jax.jit(
-    sharding.under_rules(step, mesh, config.mesh.rules),
-    in_shardings=(state_shardings, frozen_shardings, None, None),
-    out_shardings=(state_shardings, sharding.replicated(mesh)),
-    donate_argnums=(0,),
   )
 
 
@@ -209,13 +182,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
-  from leapalign_jax import components, evaluate, methods
+  from leapalign_jax import components, evaluation, methods, worlds
+  from leapalign_jax import export as export_lib
 
   started = time.monotonic()
 
   move_aside = check_workdir(config, workdir)
   given = config  # config.json records the config as given
-  config = components.prepare_world(config, workdir)
+  config = worlds.prepare(config, workdir)
   mesh = errors.as_user_error(
     "config.mesh", sharding.mesh_from_config, config.mesh
   )
@@ -229,7 +203,12 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   method = methods.get(config.method)
   # The method's host-side options (draft.k, leap.step_range, ...).
   errors.as_user_error(
-    f"method {config.method}", host_choice, config, method, 0, comps.sigmas
+    f"method {config.method}",
+    step_lib.host_choice,
+    config,
+    method,
+    0,
+    comps.sigmas,
   )
   write_config(given, workdir, move_aside)
   tx = step_lib.make_optimizer(config.optim)
@@ -245,7 +224,7 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
     comps.log_parameter_overview(state)
 
   writer = metrics_lib.Writer(workdir, resume_step=start)
-  train_step = jit_train_step(
+  train_step = step_lib.jit_train_step(
     config,
     comps.step_fns,
     tx,
@@ -292,7 +271,7 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
     )
   with preempt.deferred():
     while step < num_steps:
-      choice = host_choice(config, method, step, comps.sigmas)
+      choice = step_lib.host_choice(config, method, step, comps.sigmas)
       batch = sharding.put_batch(comps.batch_to_arrays(dataset[step]), mesh)
       choice_arr = {k: np.int32(v) for k, v in choice.items()}
       state, m = train_step(state, comps.frozen, batch, choice_arr)
@@ -351,7 +330,7 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
         config.train.sample_every_steps
         and step % config.train.sample_every_steps == 0
       ):
-        comps.sample_grid(state, step, workdir)
+        evaluation.sample_grid(comps, state, step, workdir)
     progress.close()
     save(step)
     writer.close()
@@ -361,8 +340,9 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   if preempt.requested and step < num_steps:
     _LOG.warning("preempted at step %d; checkpoint written, exiting", step)
     return {"step": step, "preempted": True}
-  comps.export(state, workdir)
-  return evaluate.after_training(config, workdir, comps, state)
+  if config.export.enabled:
+    export_lib.export_run(comps, state["ema"], fileio.join(workdir, "export"))
+  return evaluation.after_training(config, workdir, comps, state)
 
 
 def _format_choice(choice: dict[str, int]) -> str:

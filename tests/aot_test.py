@@ -76,12 +76,12 @@ def test_tiny_compiles_for_a_tpu_topology(tmp_path):
 def test_abstract_lora_run_trains_only_adapters():
   import jax
 
-  from leapalign_jax import components, configs_io, sharding
+  from leapalign_jax import abstract_run, configs_io, sharding
 
   config = configs_io.load_config(TINY, ["lora.enabled=True", "lora.rank=2"])
   mesh = sharding.make_mesh((1, -1, 1))
-  run = components.abstract(config, mesh)
-  assert run.lora_paths and run.frozen["flux"] is not None
+  run = abstract_run.build(config, mesh)
+  assert run.lora_paths and run.frozen["model"] is not None
   params = jax.tree.leaves_with_path(run.params)
   assert params and all("lora" in jax.tree_util.keystr(p) for p, _ in params)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for _, x in params)

@@ -11,9 +11,10 @@ import pytest
 import tiny_tokenizer
 from flax import nnx
 
-from leapalign_jax import data, defaults, embed_prompts, tokenizers
+from leapalign_jax import data, defaults, prompts, tokenizers
 from leapalign_jax.convert import export_clip, export_t5
 from leapalign_jax.errors import UserError
+from leapalign_jax.families import flux_text
 from leapalign_jax.models import clip, t5
 from leapalign_jax.openclip_tokenizer import load as load_openclip
 from leapalign_jax.rewards.text import RewardText
@@ -81,7 +82,7 @@ def text_cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoders(text_cfg):
-  return embed_prompts.TextEncoders(text_cfg, REWARDS)
+  return flux_text.TextEncoders(text_cfg, REWARDS)
 
 
 def cache_arrays(folder):
@@ -92,7 +93,7 @@ def cache_arrays(folder):
 
 def test_embeddings_have_the_manifest_shapes(encoders, tmp_path):
   out = str(tmp_path / "c")
-  counts = embed_prompts.embed(
+  counts = prompts.embed(
     encoders,
     [{"prompt": p} for p in PROMPTS],
     out,
@@ -124,7 +125,7 @@ def test_resume_after_interruption_equals_uninterrupted(
 ):
   records = [{"prompt": p, "i": i} for i, p in enumerate(PROMPTS)]
   full = str(tmp_path / "full")
-  embed_prompts.embed(encoders, records, full, shard_size=3, progress=False)
+  prompts.embed(encoders, records, full, shard_size=3, progress=False)
   part = str(tmp_path / "part")
   original = data.CacheWriter.append
   calls = {"n": 0}
@@ -137,12 +138,10 @@ def test_resume_after_interruption_equals_uninterrupted(
 
   monkeypatch.setattr(data.CacheWriter, "append", flaky)
   with pytest.raises(KeyboardInterrupt):
-    embed_prompts.embed(encoders, records, part, shard_size=3, progress=False)
+    prompts.embed(encoders, records, part, shard_size=3, progress=False)
   monkeypatch.setattr(data.CacheWriter, "append", original)
   assert len(data.PromptCache(part)) == 3  # one whole shard survived
-  counts = embed_prompts.embed(
-    encoders, records, part, shard_size=3, progress=False
-  )
+  counts = prompts.embed(encoders, records, part, shard_size=3, progress=False)
   assert counts["skipped"] == 3 and counts["written"] == 5
   m_full, a_full = cache_arrays(full)
   m_part, a_part = cache_arrays(part)
@@ -154,15 +153,13 @@ def test_resume_after_interruption_equals_uninterrupted(
 
 def test_duplicates_are_embedded_once(encoders, tmp_path):
   recs = [{"prompt": p} for p in PROMPTS[:3] + PROMPTS[:2]]
-  counts = embed_prompts.embed(
-    encoders, recs, str(tmp_path / "d"), progress=False
-  )
+  counts = prompts.embed(encoders, recs, str(tmp_path / "d"), progress=False)
   assert counts == {"total": 3, "skipped": 0, "written": 3}
 
 
 def test_refuses_other_encoders(encoders, tmp_path):
   out = str(tmp_path / "x")
-  embed_prompts.embed(encoders, [{"prompt": "a"}], out, progress=False)
+  prompts.embed(encoders, [{"prompt": "a"}], out, progress=False)
   other = dict(encoders.identity(), t5_max_length=99)
   with pytest.raises(data.CacheError, match="other encoders"):
     data.CacheWriter(out, other)
@@ -170,7 +167,7 @@ def test_refuses_other_encoders(encoders, tmp_path):
 
 def test_old_cache_format_is_refused_in_one_line(encoders, tmp_path):
   out = str(tmp_path / "old")
-  embed_prompts.embed(encoders, [{"prompt": "a"}], out, progress=False)
+  prompts.embed(encoders, [{"prompt": "a"}], out, progress=False)
   path = os.path.join(out, data.MANIFEST)
   with open(path) as f:
     manifest = json.load(f)
@@ -192,7 +189,7 @@ def test_the_clip_checkpoints_own_tokenizer_is_used(text_cfg, tmp_path):
   cfg = defaults.base().text
   cfg.update(dict(text_cfg))
   cfg.clip_path = clip_text(tiny_tokenizer.SIZE, snap / "text_encoder")
-  enc = embed_prompts.TextEncoders(cfg)
+  enc = flux_text.TextEncoders(cfg)
   assert enc.clip_tokenizer_folder == str(snap / "tokenizer")
   ids = tokenizers.tokenize_clip(enc.clip_tok, ["a cat"], 16)
   assert ids[0, :4].tolist() == [514, 320, 513, 515]
@@ -200,7 +197,7 @@ def test_the_clip_checkpoints_own_tokenizer_is_used(text_cfg, tmp_path):
   # Without its tokenizer, the vendored BPE does not fit that table.
   cfg.clip_path = clip_text(tiny_tokenizer.SIZE, tmp_path / "bare")
   with pytest.raises(UserError, match="49408 tokens .* embeds 516") as e:
-    embed_prompts.TextEncoders(cfg)
+    flux_text.TextEncoders(cfg)
   assert "\n" not in str(e.value)
 
 
@@ -214,29 +211,27 @@ def test_the_clip_checkpoints_own_tokenizer_is_used(text_cfg, tmp_path):
 def test_empty_prompt_files(tmp_path, content, match):
   p = tmp_path / "p.txt"
   p.write_text(content)
-  with pytest.raises(embed_prompts.PromptError, match=match):
-    embed_prompts.read_prompts(str(p))
+  with pytest.raises(prompts.PromptError, match=match):
+    prompts.read_prompts(str(p))
 
 
 def test_bad_prompt_sources(tmp_path):
-  with pytest.raises(embed_prompts.PromptError, match="no such prompt file"):
-    embed_prompts.read_prompts(str(tmp_path / "missing.txt"))
+  with pytest.raises(prompts.PromptError, match="no such prompt file"):
+    prompts.read_prompts(str(tmp_path / "missing.txt"))
   binary = tmp_path / "b.txt"
   binary.write_bytes(b"\xff\xfe\x00bad")
-  with pytest.raises(embed_prompts.PromptError, match="not UTF-8"):
-    embed_prompts.read_prompts(str(binary))
+  with pytest.raises(prompts.PromptError, match="not UTF-8"):
+    prompts.read_prompts(str(binary))
   bad = tmp_path / "p.jsonl"
   bad.write_text('{"prompt": "ok"}\n{not json}\n')
-  with pytest.raises(
-    embed_prompts.PromptError, match=r"p.jsonl:2: not valid JSON"
-  ):
-    embed_prompts.read_prompts(str(bad))
+  with pytest.raises(prompts.PromptError, match=r"p.jsonl:2: not valid JSON"):
+    prompts.read_prompts(str(bad))
   nofield = tmp_path / "q.jsonl"
   nofield.write_text('{"digit": 3}\n')
-  with pytest.raises(embed_prompts.PromptError, match="no 'prompt'"):
-    embed_prompts.read_prompts(str(nofield))
-  with pytest.raises(embed_prompts.PromptError, match="tfds:<name>/<split>"):
-    embed_prompts.read_prompts("tfds:only_a_name")
+  with pytest.raises(prompts.PromptError, match="no 'prompt'"):
+    prompts.read_prompts(str(nofield))
+  with pytest.raises(prompts.PromptError, match="tfds:<name>/<split>"):
+    prompts.read_prompts("tfds:only_a_name")
 
 
 def test_jsonl_keeps_attributes(tmp_path):
@@ -245,7 +240,7 @@ def test_jsonl_keeps_attributes(tmp_path):
     '{"prompt": "a red seven", "digit": 7, "colour": "red"}\n'
     '{"text": "a blue two", "digit": 2}\n'
   )
-  recs = embed_prompts.read_prompts(str(p))
+  recs = prompts.read_prompts(str(p))
   assert recs == [
     {"prompt": "a red seven", "digit": 7, "colour": "red"},
     {"prompt": "a blue two", "digit": 2},

@@ -17,10 +17,12 @@ import pytest
 from flax import nnx
 
 from leapalign_jax import export as export_lib
+from leapalign_jax import families
 from leapalign_jax.convert import ConversionError, export_flux, load_flux
 from leapalign_jax.convert import flux as flux_convert
 from leapalign_jax.convert import lora as lora_convert
 from leapalign_jax.convert.safetensors_io import TensorSource
+from leapalign_jax.families import flux as flux_family
 from leapalign_jax.models import lora as lora_lib
 from leapalign_jax.models.flux import Flux, FluxConfig
 
@@ -350,15 +352,16 @@ def fake_comps(model, lora_paths, layout="diffusers", lora_merged=False):
     }
   )
 
-  def flux_model(p):
+  def model(p):
     return nnx.merge(graphdef, *((p,) if frozen is None else (p, frozen)))
 
   comps = types.SimpleNamespace(
     config=config,
+    family=families.get("flux"),
     graphdef=graphdef,
-    frozen={"flux": frozen},
+    frozen={"model": frozen},
     lora_paths=tuple(lora_paths),
-    flux_model=flux_model,
+    model=model,
   )
   return comps, params
 
@@ -399,7 +402,7 @@ def test_export_run_full_finetune(files, tmp_path, layout):
   comps, params = fake_comps(files.merged, (), layout=layout)
   written = export_lib.export_run(comps, params, str(tmp_path))
   if layout == "bfl":
-    assert written == [str(tmp_path / export_lib.BFL_FILE)]
+    assert written == [str(tmp_path / flux_family.BFL_FILE)]
     target = written[0]
   else:
     assert str(tmp_path / "transformer" / "config.json") in written

@@ -1,7 +1,7 @@
 """A (prompt, seed) names one image: in ``sample`` and in evaluation alike.
 
 On the tiny random world (``configs/tiny.py``): the held-out images that
-evaluation draws are drawn again by ``sample.Sampler`` and by the
+evaluation draws are drawn again by ``generation.Sampler`` and by the
 ``python -m leapalign_jax.sample`` entry point from their prompt and the
 seed ``samples.jsonl`` gives, whatever the order of the prompts, the batch
 size, and from initial latents instead of seeds.
@@ -17,10 +17,12 @@ from leapalign_jax import (
   components,
   configs_io,
   errors,
-  evaluate,
+  evaluation,
+  generation,
   sample,
   sampling,
   sharding,
+  worlds,
 )
 
 PER = 2  # images per held-out prompt
@@ -39,10 +41,10 @@ def world(tmp_path_factory):
     "eval.batch_size=4",
   ]
   config = configs_io.load_config("configs/tiny.py", overrides)
-  config = components.prepare_world(config, folder)
+  config = worlds.prepare(config, folder)
   comps = components.load(config, sharding.mesh_from_config(config.mesh))
   cache = comps.eval_cache
-  imgs = evaluate.generate(
+  imgs = evaluation.generate(
     comps,
     comps.params,
     cache,
@@ -58,7 +60,7 @@ def world(tmp_path_factory):
     "images": (imgs + 1.0) / 2.0,  # [0, 1], as the sampler returns them
     "prompts": [p for p in prompts for _ in range(PER)],
     "seeds": [
-      evaluate.image_seed(config.eval.seed, i, j, PER)
+      evaluation.image_seed(config.eval.seed, i, j, PER)
       for i in range(3)
       for j in range(PER)
     ],
@@ -68,7 +70,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(world):
-  return sample.Sampler(world["config"])
+  return generation.Sampler(world["config"])
 
 
 def test_sampler_draws_the_evaluation_images(world, sampler):
@@ -84,13 +86,13 @@ def test_sampler_draws_the_evaluation_images(world, sampler):
   np.testing.assert_allclose(one.images[0], out.images[3], atol=ATOL)
   # The same noise given as initial latents.
   lh, lw, c = sampler.latent_shape(32, 32)
-  z = sample.noise_for(seeds, (lh, lw, c))
+  z = generation.noise_for(seeds, (lh, lw, c))
   lat = np.asarray(sampling.unpack_tokens(z, lh // 2, lw // 2))
   again = sampler(prompts, latents=lat)
   np.testing.assert_allclose(again.images, out.images, atol=ATOL)
   # A seed's noise does not depend on the other seeds of the call.
   np.testing.assert_array_equal(
-    sample.noise_for([seeds[3]], (lh, lw, c))[0], z[3]
+    generation.noise_for([seeds[3]], (lh, lw, c))[0], z[3]
   )
 
 

@@ -25,10 +25,12 @@ transformers = pytest.importorskip("transformers")
 
 import torch_refs  # noqa: E402
 
-from leapalign_jax import defaults, embed_prompts, sample, sampling  # noqa: E402
+from leapalign_jax import defaults, generation, sampling  # noqa: E402
 from leapalign_jax.convert import load_autoencoder, load_flux  # noqa: E402
+from leapalign_jax.families import flux as flux_family  # noqa: E402
+from leapalign_jax.families import flux_text  # noqa: E402
+from leapalign_jax.generation import noise_for  # noqa: E402
 from leapalign_jax.models.autoencoder import decode_fn  # noqa: E402
-from leapalign_jax.sample import make_sampler, noise_for  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -63,7 +65,7 @@ def text_config(root):
 
 def test_text_embeddings_match_pipeline(pipeline_dir):
   root, pipe = pipeline_dir
-  ours = embed_prompts.TextEncoders(text_config(root).text)(PROMPTS)
+  ours = flux_text.TextEncoders(text_config(root).text)(PROMPTS)
   with torch.no_grad():
     t5, pooled, _ = pipe.encode_prompt(
       PROMPTS, PROMPTS, max_sequence_length=T5_LEN
@@ -75,9 +77,9 @@ def test_text_embeddings_match_pipeline(pipeline_dir):
 
 
 def test_images_match_pipeline(pipeline_dir):
-  """The public call (``sample.Sampler``) against the pipeline."""
+  """The public call (``generation.Sampler``) against the pipeline."""
   root, pipe = pipeline_dir
-  sampler = sample.Sampler(text_config(root))
+  sampler = generation.Sampler(text_config(root))
   out = sampler(
     PROMPTS,
     seeds=[0, 1],
@@ -105,18 +107,24 @@ def test_images_match_pipeline(pipeline_dir):
   # "latent" output).
   z = np.asarray(sampling.pack(jnp.asarray(out.latents)))
   np.testing.assert_allclose(z, ref_z.numpy(), atol=2e-5, rtol=0)
-  # The same images from make_sampler, the jitted function evaluation uses.
-  text = embed_prompts.TextEncoders(text_config(root).text)(PROMPTS)
+  # The same images from sampling.make_sampler over the Flux family's
+  # velocity, the jitted function evaluation uses.
+  text = flux_text.TextEncoders(text_config(root).text)(PROMPTS)
   _, flux = load_flux(root)
   ae_cfg, ae = load_autoencoder(root)
   decode, vae_params = decode_fn(ae)
   graphdef, params = nnx.split(flux, nnx.Param)
   lh, lw, _ = ae_cfg.latent_shape(SIZE, SIZE)
-  fn = make_sampler(graphdef, decode, (lh // 2, lw // 2), 3.5)
-  sigmas = sampling.get_schedule(STEPS, (lh // 2) * (lw // 2))
-  ours = fn(
-    params, vae_params, text["t5"], text["clip_pooled"], x1, jnp.asarray(sigmas)
+  grid = (lh // 2, lw // 2)
+  fn = sampling.make_sampler(
+    graphdef,
+    lambda m, x, t, c: flux_family.call(m, x, t, c, grid, 3.5),
+    decode,
+    grid,
   )
+  sigmas = sampling.get_schedule(STEPS, (lh // 2) * (lw // 2))
+  cond = {k: text[k] for k in flux_family.TEXT_FIELDS}
+  ours = fn(params, vae_params, cond, x1, jnp.asarray(sigmas))
   np.testing.assert_allclose(
     (np.asarray(ours) + 1) / 2, out.images, atol=1e-6, rtol=0
   )

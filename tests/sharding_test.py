@@ -18,7 +18,7 @@ from leapalign_jax import (
   configs_io,
   methods,
   sharding,
-  train,
+  worlds,
 )
 from leapalign_jax import step as step_lib
 from leapalign_jax.models import flux
@@ -49,19 +49,19 @@ def tiny(world_dir, shape, num_devices=0):
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
   world = str(tmp_path_factory.mktemp("world"))
-  components.prepare_world(tiny(world, (1, -1, 1)), world)
+  worlds.prepare(tiny(world, (1, -1, 1)), world)
   return world
 
 
 def setup(world_dir, shape, num_devices=0):
   """Components, optimizer, fresh state, the jitted step and its inputs."""
   config = tiny(world_dir, shape, num_devices)
-  config = components.prepare_world(config, world_dir)
+  config = worlds.prepare(config, world_dir)
   mesh = sharding.mesh_from_config(config.mesh)
   comps = components.load(config, mesh)
   tx = step_lib.make_optimizer(config.optim)
   state = comps.init_state(tx)
-  step = train.jit_train_step(
+  step = step_lib.jit_train_step(
     config,
     comps.step_fns,
     tx,
@@ -74,7 +74,7 @@ def setup(world_dir, shape, num_devices=0):
     comps.batch_to_arrays(comps.train_batches()[0]), mesh
   )
   method = methods.get(config.method)
-  choice = train.host_choice(config, method, 0, comps.sigmas)
+  choice = step_lib.host_choice(config, method, 0, comps.sigmas)
   choice = {k: np.int32(v) for k, v in choice.items()}
   return comps, tx, state, step, batch, choice
 

@@ -1,1 +1,81 @@
-"""Embedded, offline worlds for end-to-end runs on a CPU."""
+"""Embedded, offline worlds for end-to-end runs on a CPU, by name.
+
+A world builds (once, resumably) the models and prompt caches a run needs
+and fills in their paths: ``digits`` (scikit-learn's 8x8 digits, a tiny
+Flux the project pretrains, its own rewards and held-out evaluator) and
+``random`` (random tiny weights, for plumbing tests). ``prepare(config,
+workdir)`` is what the commands call before ``components.load``; ``""`` (no
+world) reads the config's own weights, ``gs://`` ones from this host's
+staged copies. ``scorers`` lists a world's held-out evaluators, which are not
+training rewards. The assembly (``components``) never imports a world.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import ml_collections
+
+from leapalign_jax import families, staging
+from leapalign_jax.errors import ConfigError
+
+
+def _digits(config, workdir):
+  from leapalign_jax.worlds import digits_pipeline
+
+  return digits_pipeline.prepare(config, workdir)
+
+
+def _random(config, workdir):
+  from leapalign_jax.worlds import random_world
+
+  return random_world.prepare(config, workdir)
+
+
+def _digits_scorers(config, workdir):
+  from leapalign_jax.worlds import digits_pipeline
+
+  return [digits_pipeline.evaluator_scorer(config, workdir)]
+
+
+# name -> prepare(config, workdir) -> config
+WORLDS: dict[str, Callable] = {"digits": _digits, "random": _random}
+# name -> scorers(config, workdir) -> [score(images, records) -> {k: v}]
+SCORERS: dict[str, Callable] = {"digits": _digits_scorers}
+
+
+def prepare(
+  config: ml_collections.ConfigDict, workdir: str
+) -> ml_collections.ConfigDict:
+  """Builds the world's artefacts if the config names one; returns the config.
+
+  A world writes its models and prompt caches under ``workdir`` (skipping
+  what exists) and fills in the paths. With no world, ``gs://`` paths are
+  read from this host's staged copies (``staging``) and the model, VAE and
+  training cache paths must exist.
+  """
+  if config.world:
+    if config.world not in WORLDS:
+      raise ConfigError(
+        f"unknown world {config.world!r}; use '' or one of {sorted(WORLDS)}"
+      )
+    return WORLDS[config.world](config, workdir)
+  config = staging.resolve_config(config)
+  section = families.of(config).section
+  for field in (f"{section}.path", "vae.path", "data.train_cache"):
+    part, key = field.split(".")
+    path = config[part][key]
+    if not path:
+      raise ConfigError(
+        f"config.{field} is empty; point it at your checkpoint/cache"
+      )
+    if "://" not in path and not os.path.exists(path):
+      raise ConfigError(f"config.{field}: {path} does not exist")
+  return config
+
+
+def scorers(config: ml_collections.ConfigDict, workdir: str) -> list:
+  """The world's held-out scorers (none for most worlds)."""
+  make = SCORERS.get(config.world)
+  return make(config, workdir) if make else []

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from leapalign_jax import data, fileio
-from leapalign_jax.components import ConfigError
+from leapalign_jax.errors import ConfigError
 from leapalign_jax.utils import atomic_dir
 from leapalign_jax.worlds import digits, digits_eval, digits_train, random_world
 

@@ -182,13 +182,11 @@ def flow_matching_loss(velocity: Callable[..., jax.Array]) -> LossFn:
 
 def flux_velocity(graphdef, h_tokens: int, w_tokens: int):
   """``(params, x, t, batch) -> v`` for a Flux graph without guidance."""
-  from leapalign_jax import components
+  from leapalign_jax.families import flux
 
   def velocity(params, x_BLC, t_B, batch):
     model = nnx.merge(graphdef, params)
-    return components.flux_velocity(
-      model, x_BLC, t_B, batch, (h_tokens, w_tokens)
-    )
+    return flux.call(model, x_BLC, t_B, batch, (h_tokens, w_tokens))
 
   return velocity
 

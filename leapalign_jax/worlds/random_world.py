@@ -175,7 +175,7 @@ def _identity(config, sizes: dict) -> dict:
 
 def claim(folder: str, identity: dict) -> None:
   """Records ``identity`` in a new world; refuses a world built otherwise."""
-  from leapalign_jax.components import ConfigError
+  from leapalign_jax.errors import ConfigError
 
   path = os.path.join(folder, IDENTITY)
   if not os.path.exists(path):
@@ -197,9 +197,9 @@ def _complete(path: str, records: list[dict]) -> bool:
 
   False for a missing cache or one cut short (``embed`` completes it).
   """
-  from leapalign_jax.components import ConfigError
   from leapalign_jax.data import FORMAT_VERSION, MANIFEST
-  from leapalign_jax.embed_prompts import dedupe
+  from leapalign_jax.errors import ConfigError
+  from leapalign_jax.prompts import dedupe
 
   if _outdated(path, FORMAT_VERSION):
     # A world's cache is derived from its own files: rebuilt, not refused.
@@ -309,12 +309,13 @@ def trained_reward_ids(c, arrays: dict) -> np.ndarray:
 
 def embed_caches(c, caches: dict[str, tuple[str, list[dict]]]) -> None:
   """Embeds each ``{data field: (folder, records)}`` once; sets ``c.data``."""
-  from leapalign_jax import embed_prompts
+  from leapalign_jax import prompts
+  from leapalign_jax.families import flux_text
 
   encoders = None
   for field, (path, recs) in caches.items():
     if not _complete(path, recs):  # new, or a build killed half-way
-      encoders = encoders or embed_prompts.TextEncoders(c.text, reward_texts(c))
-      embed_prompts.embed(encoders, recs, path, progress=False)
+      encoders = encoders or flux_text.TextEncoders(c.text, reward_texts(c))
+      prompts.embed(encoders, recs, path, progress=False)
     if field in c.data:
       c.data[field] = path

@@ -23,10 +23,8 @@ others to stage, its ``manifest.json`` last.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Callable
 
 import ml_collections
@@ -34,7 +32,7 @@ import ml_collections
 from leapalign_jax import errors, fileio
 
 MARKER = ".staged.json"
-COMMAND = "python -m leapalign_jax.staging"
+COMMAND = errors.STAGING_COMMAND
 
 
 def stage_root() -> str:
@@ -64,17 +62,6 @@ def staged_copy(url: str) -> str | None:
   return None
 
 
-def not_staged_message(url: str, what: str = "") -> str:
-  """The one line for a ``://`` path that has no local copy here."""
-  where = f"{what}: " if what else ""
-  return (
-    f"{where}{url} is not on this host's disk (the loaders memory-map local "
-    f"files); copy it here first with `{COMMAND} --src {url}` (or "
-    "`--config <the run's config>`; on a TPU slice `launch/tpu.sh stage`), "
-    "then run again with the same path"
-  )
-
-
 def resolve(url: str, what: str = "") -> str:
   """``url``'s staged local copy; a local path is returned unchanged.
 
@@ -85,7 +72,7 @@ def resolve(url: str, what: str = "") -> str:
     return url
   local = staged_copy(url)
   if local is None:
-    raise errors.UserError(not_staged_message(url, what))
+    raise errors.UserError(errors.not_staged_message(url, what))
   return local
 
 
@@ -229,43 +216,3 @@ def push(local: str, url: str, log: Callable[[str], None] = print) -> None:
       local_path(url) + MARKER, json.dumps({"source": url, "files": files})
     )
   log(f"{local}: uploaded to {url}")
-
-
-def main(argv: list[str] | None = None) -> int:
-  """Command-line entry point; returns the exit status."""
-  parser = argparse.ArgumentParser(prog=COMMAND)
-  parser.add_argument("--config", help="stage every gs:// path it names")
-  parser.add_argument("--src", action="append", default=[], help="a URL")
-  parser.add_argument(
-    "--push", nargs=2, metavar=("LOCAL", "URL"), help="upload LOCAL to URL"
-  )
-  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-  args = parser.parse_args(argv)
-
-  def run() -> None:
-    if args.push:
-      push(*args.push)
-    sources = list(args.src)
-    if args.config:
-      from leapalign_jax.configs_io import load_config
-
-      named = config_sources(load_config(args.config, args.overrides))
-      if not named and not sources:
-        print(f"{args.config}: names no gs:// path; nothing to stage")
-      sources += named
-    elif args.overrides:
-      raise errors.UserError("config overrides need --config")
-    if not sources and not args.push and not args.config:
-      raise errors.UserError(
-        "nothing to stage: pass --config (with gs:// paths) or --src URL"
-      )
-    for url in sources:
-      if not fileio.is_remote(url):
-        raise errors.UserError(f"--src {url}: not a URL (gs://bucket/path)")
-      stage(url)
-
-  return errors.run_command(run)
-
-
-if __name__ == "__main__":
-  sys.exit(main())
