@@ -22,6 +22,9 @@ def base() -> ml_collections.ConfigDict:
   c.world = ""
   c.world_options = ml_collections.ConfigDict()
 
+  # The flow-model family (leapalign_jax/families/); its settings are the
+  # section it names: flux -> c.flux.
+  c.model = ml_collections.ConfigDict({"family": "flux"})
   c.flux = ml_collections.ConfigDict(
     {
       "path": "",  # BFL file or diffusers folder / FLUX.1-dev snapshot root

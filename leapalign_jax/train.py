@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from leapalign_jax import checkpoint as ckpt_lib
-from leapalign_jax import errors, fileio, sharding, utils
+from leapalign_jax import errors, fileio, locks, sharding
 from leapalign_jax import metrics as metrics_lib
 from leapalign_jax import step as step_lib
 from leapalign_jax.preemption import Preemption
@@ -177,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Checked before the workdir is touched (the lock creates it).
   errors.as_user_error("config.method", methods.get, config.method)
-  with Preemption() as preempt, utils.workdir_lock(workdir):
+  with Preemption() as preempt, locks.workdir_lock(workdir):
     return _train_and_evaluate(config, workdir, preempt)
 
 

@@ -8,12 +8,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
-import jax
-
-from leapalign_jax.errors import UserError
-
-LOCK_FILE = ".lock"
-
 
 @contextlib.contextmanager
 def atomic_dir(path: str, replace: bool = False) -> Iterator[str]:
@@ -55,70 +49,3 @@ def atomic_dir(path: str, replace: bool = False) -> Iterator[str]:
     for leftover in (tmp, old):
       if leftover and os.path.exists(leftover):
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[None]:
-  """Holds an exclusive lock on ``workdir`` (process 0).
-
-  Two runs writing one workdir would interleave checkpoints and metrics
-  lines. The lock is an ``flock`` on ``workdir/.lock``: the kernel releases
-  it when the process dies, even by SIGKILL, so a crashed run never leaves a
-  stale lock behind. A ``gs://`` workdir gets a lease object instead
-  (``remote_lock``).
-
-  A workdir this call created is removed again when the run fails before
-  writing anything into it (bad input leaves no trace).
-
-  Raises:
-    UserError: another live process holds the lock, or the workdir cannot
-      be created or written.
-  """
-  if jax.process_index() != 0:
-    yield
-    return
-  if "://" in workdir:
-    from leapalign_jax import remote_lock
-
-    with remote_lock.hold(workdir):
-      yield
-    return
-  import fcntl
-
-  created = not os.path.exists(workdir)
-  path = os.path.join(workdir, LOCK_FILE)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    f = open(path, "a+")  # noqa: SIM115 - closed below
-  except OSError as e:
-    raise UserError(
-      f"--workdir {workdir}: cannot create or write it ({e.strerror}); "
-      "pass a writable folder"
-    ) from None
-  try:
-    try:
-      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or "?"
-      raise UserError(
-        f"workdir {workdir} is in use by another run (pid {holder}); wait "
-        "for it to finish (or stop it) before starting this one, or use "
-        "another --workdir"
-      ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    yield
-  except BaseException:
-    if created and os.listdir(workdir) == [LOCK_FILE]:
-      shutil.rmtree(workdir, ignore_errors=True)
-    raise
-  finally:
-    f.close()  # closing releases the lock
-
-
-def count_params(tree) -> int:
-  """Number of scalars in a pytree."""
-  return sum(x.size for x in jax.tree.leaves(tree))

@@ -26,19 +26,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from leapalign_jax.models.platform import target_platform
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # cuDNN's flash kernels work in 64/128-token tiles; 64 keeps the padding of
 # short sequences small (ViT-H's 257 tokens -> 320) and leaves the DiT's
 # lengths tile-aligned (2537 -> 2560, 1536 and 4608 unchanged).
 CUDNN_MULTIPLE = 64
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def target_platform() -> str:
-  """The platform being compiled for: the mesh's, else the default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else mesh.abstract_device
-  return device.platform if device is not None else jax.default_backend()
 
 
 def resolve(impl: str, dtype) -> str:

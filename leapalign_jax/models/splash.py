@@ -29,7 +29,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
   splash_attention_mask as sm,
 )
 
-from leapalign_jax.models import attention
+from leapalign_jax.models.platform import target_platform
 
 # Logical names of [B, H, L, D] inside the kernel.
 ACT_BHLD = ("activation_batch", "activation_heads", None, None)
@@ -117,7 +117,7 @@ def splash_attention(
     up to the kernel's (online-softmax) rounding.
   """
   if interpret is None:
-    interpret = attention.target_platform() != "tpu"
+    interpret = target_platform() != "tpu"
   if not interpret:
     _check_precision(q.dtype)
   B, L, H, D = q.shape
