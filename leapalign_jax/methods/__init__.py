@@ -1,7 +1,9 @@
 """Registry of reward fine-tuning methods: ``get(name) -> Method``.
 
 Every method shares the interface of :mod:`leapalign_jax.methods.base`:
-``Method(loss_and_grad, sample_choice)`` over a :class:`Problem`.
+``Method(loss_and_grad, sample_choice)`` over a :class:`Problem`. Owns the
+methods' math and their config defaults; it sees a model only as the
+``Problem``'s velocity and reward functions (never a model family).
 """
 
 from leapalign_jax.methods import draft, drtune, full_bp, leapalign, refl
