@@ -41,7 +41,7 @@ def test_prompt_split_is_balanced_and_disjoint():
   # Prompt indices agree with digits.all_prompts.
   every = digits.all_prompts(world)
   for r in evals[:20]:
-    idx = digits_pipeline.prompt_index(
+    idx = digits.prompt_index(
       world,
       r["digit"],
       world.colours.index(r["colour"]),

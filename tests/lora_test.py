@@ -18,8 +18,12 @@ from flax import nnx
 
 from leapalign_jax import export as export_lib
 from leapalign_jax import families
-from leapalign_jax.convert import ConversionError, export_flux, load_flux
-from leapalign_jax.convert import flux as flux_convert
+from leapalign_jax.convert import (
+  ConversionError,
+  export_flux,
+  flux_keys,
+  load_flux,
+)
 from leapalign_jax.convert import lora as lora_convert
 from leapalign_jax.convert.safetensors_io import TensorSource
 from leapalign_jax.families import flux as flux_family
@@ -128,7 +132,7 @@ def test_merged_weight_identity_diffusers(files):
 
 def test_merged_weight_identity_bfl_rows(files):
   """BFL linear1 combines our qkv and mlp adapters by output rows."""
-  rules = flux_convert.bfl_rules(CFG)
+  rules = flux_keys.bfl_rules(CFG)
   lora = {
     k: v.fn() for k, v in lora_convert.lora_tensors(files.model, rules).items()
   }
@@ -177,7 +181,7 @@ def test_errors(files, tmp_path):
     lora_convert.export_flux_lora(nnx.state(files.model), str(tmp_path))
   # A table without the adapted final layer: no torch counterpart.
   rules = [
-    r for r in flux_convert.diffusers_rules(CFG) if r.target[0] != "final_layer"
+    r for r in flux_keys.diffusers_rules(CFG) if r.target[0] != "final_layer"
   ]
   with pytest.raises(ConversionError, match="final_layer/adaLN_modulation"):
     lora_convert.lora_tensors(files.model, rules)

@@ -244,7 +244,7 @@ def export_flux_lora(
     The paths written.
   """
   _check_layout(layout)
-  from leapalign_jax.convert.flux import RULES
+  from leapalign_jax.convert.flux_keys import RULES
 
   config = _flux_config(model)
   tensors = lora_tensors(model, RULES[layout](config), dtype=dtype)

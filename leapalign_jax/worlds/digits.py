@@ -555,6 +555,12 @@ def sample_batch(
   return render_prompt_set(config, prompt_set, rng, split)
 
 
+def prompt_index(world: DigitsConfig, d, c, p, t) -> np.ndarray:
+  """Index of a prompt in ``all_prompts(world)`` (d, c, p, t nested)."""
+  C, P, T = len(world.colours), len(world.positions), len(world.templates)
+  return ((np.asarray(d) * C + c) * P + p) * T + t
+
+
 def all_prompts(config: DigitsConfig) -> list[str]:
   """Every prompt the world can produce (e.g. to train its T5 vocabulary)."""
   return [
