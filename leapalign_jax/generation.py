@@ -81,7 +81,7 @@ class Sampler:
       config = staging.resolve_config(config)  # gs:// -> staged copies
     self.config = config
     self.family = families.of(config)
-    self.text = self.family.text_encoders(config, cache=False)
+    self.text = self.family.text_encoders(config, cache=False, rewards=False)
     self.model_config, model = self.family.load(config)
     self.ae_config, ae = load_autoencoder(
       config.vae.path, dtype=config.vae.dtype

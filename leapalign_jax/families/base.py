@@ -76,9 +76,10 @@ class Family:
     text_tokens: ``config -> int``, the conditioning sequence length (FLOPs).
     check_cache: ``(cache, model config) -> None``; raises ``ConfigError``
       when a prompt cache was embedded for another model.
-    text_encoders: ``(config, cache) -> encoders``: ``encoders(prompts) ->
-      {field: array}`` (plus each reward's ids) and ``encoders.identity()``.
-      ``cache=True`` rounds to ``text.cache_dtype``.
+    text_encoders: ``(config, cache, rewards) -> encoders``:
+      ``encoders(prompts) -> {field: array}`` (plus, with ``rewards``, each
+      reward's ids) and ``encoders.identity()``. ``cache=True`` rounds to
+      ``text.cache_dtype``.
     dit_flops: ``(model config, n_img, n_txt) -> flops.DitFlops``.
     adapter_flops: ``(model config, n_img, n_txt, rank) -> float``.
     export: ``(model, folder, layout, dtype) -> [paths]``, full weights.

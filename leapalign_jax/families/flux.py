@@ -127,10 +127,12 @@ def check_cache(cache: data.PromptCache, model_cfg) -> None:
     )
 
 
-def text_encoders(config, cache: bool = True):
+def text_encoders(config, cache: bool = True, rewards: bool = True):
   """CLIP-L + T5 of ``config.text`` (``flux_text.TextEncoders``)."""
   from leapalign_jax.families import flux_text
 
+  if not rewards:  # sampling: no reward reads these prompts
+    return flux_text.TextEncoders(config.text, cache=cache)
   return flux_text.TextEncoders.for_config(config, cache=cache)
 
 
