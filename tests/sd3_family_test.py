@@ -168,3 +168,48 @@ def test_train_step_counts_two_passes_under_cfg():
   plain = flops.train_step(c, sd3_family.FAMILY, TINY, ae, (8, 8))
   assert guided.dit == pytest.approx(2 * plain.dit)
   assert guided.vae == plain.vae
+
+
+def test_paper_config_builds_by_shape_with_the_published_size():
+  """configs/leap_hpsv2_sd35m.py: SD3.5-M full fine-tune, 512², CFG."""
+  from leapalign_jax import abstract_run, configs_io, sharding
+
+  config = configs_io.load_config("configs/leap_hpsv2_sd35m.py")
+  assert config.model.family == "sd3" and config.train.num_steps == 200
+  assert (config.sampling.height, config.sampling.width) == (512, 512)
+  run = abstract_run.build(config, sharding.make_mesh((1, -1, 1)))
+  n = sum(x.size for x in jax.tree.leaves(run.params))
+  assert n == 2_243_171_520  # diffusers' SD3Transformer2DModel count
+  assert run.geometry.tokens == (32, 32) and run.geometry.channels == 16
+  assert run.batch["sd3_context"].shape == (64, 77 + 256, 4096)
+  assert run.batch["sd3_neg_pooled"].shape == (64, 2048)
+  assert run.sigmas[0] == 1.0 and run.sigmas[-1] == 0.0
+  step = flops.train_step(
+    config, run.family, run.model_config, run.autoencoder_config, (64, 64)
+  )
+  # One pass: ~2 x 801 M block weights per image token (12 D² per block,
+  # 4 D² more in the 13 dual ones) x 1024 + 2 x 679 M x 333 text tokens
+  # + attention: ~2.44 TF. 64 images x (25 forwards + 2 backwards) x 2
+  # CFG passes.
+  one = flops.sd3_parts(run.model_config, 1024, 333).total
+  assert 2.35e12 < one < 2.55e12
+  assert step.dit > 64 * 2 * 25 * one
+
+
+@pytest.mark.skipif(
+  __import__("importlib").util.find_spec("libtpu") is None,
+  reason="needs libtpu (the TPU compiler)",
+)
+def test_tiny_sd3_compiles_for_a_tpu_topology(tmp_path):
+  import json
+
+  from leapalign_jax import aot
+
+  out = tmp_path / "report.json"
+  code = aot.main(
+    ["--config", "configs/tiny_sd3.py", "--topology", "v5e-4", "--json",
+     str(out)]
+  )
+  report = json.loads(out.read_text())
+  assert code == 0 and report["fits"] and report["devices"] == 4
+  assert report["flops_parts"]["dit"] > 0
