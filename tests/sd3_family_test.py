@@ -207,8 +207,14 @@ def test_tiny_sd3_compiles_for_a_tpu_topology(tmp_path):
 
   out = tmp_path / "report.json"
   code = aot.main(
-    ["--config", "configs/tiny_sd3.py", "--topology", "v5e-4", "--json",
-     str(out)]
+    [
+      "--config",
+      "configs/tiny_sd3.py",
+      "--topology",
+      "v5e-4",
+      "--json",
+      str(out),
+    ]
   )
   report = json.loads(out.read_text())
   assert code == 0 and report["fits"] and report["devices"] == 4

@@ -63,7 +63,9 @@ def _clip_text(config, hidden: int, act: str, seed: int):
     num_hidden_layers=2,  # a penultimate state that is not the embedding
     hidden_act=act,
   )
-  return clip.CLIP(clip.CLIPConfig(text, None, hidden // 2), rngs=nnx.Rngs(seed))
+  return clip.CLIP(
+    clip.CLIPConfig(text, None, hidden // 2), rngs=nnx.Rngs(seed)
+  )
 
 
 def _models(config, folder: str, sizes: dict, prompts: list[str]) -> dict:
