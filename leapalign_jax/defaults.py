@@ -39,6 +39,28 @@ def base() -> ml_collections.ConfigDict:
       "scan_layers": True,
     }
   )
+  # config.model.family="sd3": Stable Diffusion 3 / 3.5 (families/sd3.py).
+  c.sd3 = ml_collections.ConfigDict(
+    {
+      # Stability single file (sd3.5_medium.safetensors), diffusers
+      # transformer/ folder or SD3.5 snapshot root.
+      "path": "",
+      # "" detects the architecture; "sd35_medium" / "sd35_large" /
+      # "sd3_medium" / "tiny" also requires it (and is what `aot` compiles).
+      "variant": "",
+      "dtype": "bfloat16",
+      "param_dtype": "float32",
+      "remat": "full",
+      "attention": "auto",
+      "scan_layers": True,
+      "shift": 3.0,  # the scheduler's static time shift
+      # OpenCLIP bigG text encoder (SD3's text_encoder_2/); "" = the
+      # text_encoder_2/ of text.clip_path's snapshot root.
+      "clip_g_path": "",
+      "clip_g_tokenizer": "",  # "" = tokenizer_2/ beside it
+      "negative_prompt": "",  # the CFG branch's prompt (embedded per row)
+    }
+  )
   c.vae = ml_collections.ConfigDict(
     {"path": "", "variant": "flux", "dtype": "bfloat16", "remat": "full"}
   )

@@ -78,6 +78,51 @@ def lora_forward(c: Any, n_img: int, n_txt: int, rank: int) -> float:
   return float(2 * rank * per_token * (n_img + n_txt))
 
 
+def sd3_parts(c: Any, n_img: int, n_txt: int) -> DitFlops:
+  """Forward FLOPs of one SD3 / SD3.5 pass on one image (``SD3Config`` ``c``).
+
+  Every block runs qkv, proj and the MLP on both streams, except the last
+  block's context stream (qkv only); the first ``num_dual`` blocks add a
+  second attention (qkv, proj) and a self-attention over the image tokens.
+  A guided velocity makes two passes (``Family.calls_per_velocity``).
+  """
+  D, M = c.hidden_size, int(c.hidden_size * c.mlp_ratio)
+  stream = 4 * D * D + 2 * D * M  # qkv, proj, MLP
+  img = c.depth * stream + c.num_dual * 4 * D * D
+  txt = (c.depth - 1) * stream + 3 * D * D
+  embed = (
+    n_img * c.in_features * D
+    + n_txt * c.context_in_dim * D
+    + n_img * D * c.out_features
+  )
+  linear = 2 * (n_img * img + n_txt * txt + embed)
+  L = n_img + n_txt
+  attention = c.depth * 4 * L * L * D + c.num_dual * 4 * n_img * n_img * D
+  mods = (
+    c.depth * 6  # context streams but the last
+    - 6
+    + 2
+    + (c.depth - c.num_dual) * 6  # image streams
+    + c.num_dual * 9
+    + 2  # final adaLN
+  )
+  vec = 2 * (mods * D * D + 256 * D + D * D + c.pooled_dim * D + D * D)
+  return DitFlops(float(linear), float(attention), float(vec))
+
+
+def sd3_lora_forward(c: Any, n_img: int, n_txt: int, rank: int) -> float:
+  """Forward FLOPs of rank-``rank`` adapters on SD3's default targets.
+
+  ``families.sd3.SD3_TARGETS``: qkv, proj (of both attentions) and both MLP
+  matmuls of each stream, ``2 r (in + out)`` per token each.
+  """
+  D, M = c.hidden_size, int(c.hidden_size * c.mlp_ratio)
+  stream = 4 * D + 2 * D + 2 * (D + M)
+  img = c.depth * stream + c.num_dual * (4 * D + 2 * D)
+  txt = (c.depth - 1) * stream + 4 * D
+  return float(2 * rank * (n_img * img + n_txt * txt))
+
+
 def _conv(k: int, c_in: int, c_out: int, pixels: int) -> int:
   return 2 * k * k * c_in * c_out * pixels
 
@@ -250,10 +295,19 @@ def train_step(
   lh, lw = latent_hw
   n_img, n_txt = (lh // 2) * (lw // 2), family.text_tokens(config)
   calls = dit_calls(config, config[family.section].remat != "none")
-  parts = family.dit_flops(model_cfg, n_img, n_txt)
+  # A guided velocity (CFG) makes several passes per image.
+  passes = family.calls_per_velocity(
+    family.guidance(model_cfg, config.sampling.guidance)
+  )
+  one = family.dit_flops(model_cfg, n_img, n_txt)
+  parts = DitFlops(
+    one.linear * passes, one.attention * passes, one.vec * passes
+  )
   lora = bool(config.lora.enabled)
   adapters = (
-    family.adapter_flops(model_cfg, n_img, n_txt, config.lora.rank) * lora
+    family.adapter_flops(model_cfg, n_img, n_txt, config.lora.rank)
+    * lora
+    * passes
   )
   fwd = parts.total + adapters
   dit = B * (

@@ -596,3 +596,67 @@ def export_sd3(
   return write_checkpoint(
     tensors, path, config_json=diffusers_config_dict(config)
   )
+
+
+def _adapted_sd3(model) -> SD3Config:
+  from flax import nnx
+
+  config = getattr(model, "config", None)
+  if not isinstance(model, nnx.Module) or not isinstance(config, SD3Config):
+    raise ConversionError(
+      f"expected an SD3 module with LoRA adapters, got {type(model).__name__}"
+      "; rebuild it with nnx.merge(graphdef, lora_params, base_params)"
+    )
+  return config
+
+
+def export_sd3_lora(model, path: str, *, dtype=None) -> list[str]:
+  """Writes an SD3 model's LoRA adapters as a diffusers-loadable LoRA file.
+
+  Keys are ``transformer.<diffusers module>.lora_{A,B}.weight`` (PEFT), what
+  ``StableDiffusion3Pipeline.load_lora_weights`` reads; ``lora_scale`` is
+  folded into ``lora_B`` and no alphas are written, so the adapted weight is
+  exactly ``W + lora_B @ lora_A`` (``convert.lora``). Our fused qkv maps to
+  ``to_q`` / ``to_k`` / ``to_v`` (or ``add_{q,k,v}_proj``) sharing
+  ``lora_A``.
+
+  Args:
+    model: an ``SD3`` module with adapters, addressable from this process.
+    path: the ``.safetensors`` file; a folder (or a path without that
+      suffix) gets ``pytorch_lora_weights.safetensors``.
+    dtype: output dtype (default: the adapters' own).
+
+  Returns:
+    The paths written.
+  """
+  import os
+
+  from leapalign_jax.convert import lora
+  from leapalign_jax.convert.safetensors_io import save_file
+
+  config = _adapted_sd3(model)
+  tensors = lora.lora_tensors(model, diffusers_rules(config), dtype=dtype)
+  if os.path.isdir(path) or not path.endswith(".safetensors"):
+    path = os.path.join(path, lora.LORA_WEIGHT_NAME)
+  save_file(tensors, path, {"format": "pt"})
+  return [path]
+
+
+def export_sd3_merged(
+  model, path: str, layout: str = "diffusers", *, dtype=None
+) -> list[str]:
+  """Writes a LoRA-adapted SD3 with its adapters fused into the weights.
+
+  The same files as ``export_sd3`` of a ``merge_lora``-ed model, without
+  changing ``model`` (``convert.lora.merged_params``).
+  """
+  from leapalign_jax.convert import lora
+
+  config = _adapted_sd3(model)
+  if not lora.adapted_modules(model):
+    raise ConversionError(
+      "the model has no LoRA adapters; use export_sd3 for full weights"
+    )
+  return export_sd3(
+    lora.merged_params(model), path, layout, config=config, dtype=dtype
+  )

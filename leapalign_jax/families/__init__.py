@@ -1,6 +1,6 @@
 """Model families behind one flow-model interface (``base.Family``).
 
-``of(config)`` is the family that ``config.model.family`` names (``flux``);
+``of(config)`` is the family that ``config.model.family`` names (``flux``, ``sd3``);
 ``get(name)`` looks one up. Each family is one module here (its model,
 conditioning, schedule, text encoders, FLOP model and export) over its
 ``models/`` and ``convert/`` code; the harness above sees only ``Family``.
@@ -9,10 +9,10 @@ conditioning, schedule, text encoders, FLOP model and export) over its
 from __future__ import annotations
 
 from leapalign_jax.errors import ConfigError
-from leapalign_jax.families import flux
+from leapalign_jax.families import flux, sd3
 from leapalign_jax.families.base import Family, Geometry
 
-_FAMILIES: dict[str, Family] = {flux.FAMILY.name: flux.FAMILY}
+_FAMILIES: dict[str, Family] = {f.name: f for f in (flux.FAMILY, sd3.FAMILY)}
 
 __all__ = ["Family", "Geometry", "get", "names", "of", "section"]
 

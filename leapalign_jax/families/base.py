@@ -86,6 +86,8 @@ class Family:
     export_lora: ``(model, folder, dtype) -> [paths]``, PEFT adapters.
     export_merged: ``(model, folder, layout, dtype) -> [paths]``, adapters
       folded into the base.
+    calls_per_velocity: ``guidance value -> int``, model passes per image
+      in one velocity (2 under classifier-free guidance; for the FLOPs).
   """
 
   name: str
@@ -108,3 +110,4 @@ class Family:
   export: Callable[..., list[str]]
   export_lora: Callable[..., list[str]]
   export_merged: Callable[..., list[str]]
+  calls_per_velocity: Callable[[Any], int] = lambda guidance: 1

@@ -3,7 +3,8 @@
 A world builds (once, resumably) the models and prompt caches a run needs
 and fills in their paths: ``digits`` (scikit-learn's 8x8 digits, a tiny
 Flux the project pretrains, its own rewards and held-out evaluator) and
-``random`` (random tiny weights, for plumbing tests). ``prepare(config,
+``random`` (random tiny weights, for plumbing tests) and ``random_sd3``
+(the same for the SD3 family). ``prepare(config,
 workdir)`` is what the commands call before ``components.load``; ``""`` (no
 world) reads the config's own weights, ``gs://`` ones from this host's
 staged copies. ``scorers`` lists a world's held-out evaluators, which are not
@@ -33,6 +34,12 @@ def _random(config, workdir):
   return random_world.prepare(config, workdir)
 
 
+def _random_sd3(config, workdir):
+  from leapalign_jax.worlds import random_sd3
+
+  return random_sd3.prepare(config, workdir)
+
+
 def _digits_scorers(config, workdir):
   from leapalign_jax.worlds import digits_pipeline
 
@@ -40,7 +47,11 @@ def _digits_scorers(config, workdir):
 
 
 # name -> prepare(config, workdir) -> config
-WORLDS: dict[str, Callable] = {"digits": _digits, "random": _random}
+WORLDS: dict[str, Callable] = {
+  "digits": _digits,
+  "random": _random,
+  "random_sd3": _random_sd3,
+}
 # name -> scorers(config, workdir) -> [score(images, records) -> {k: v}]
 SCORERS: dict[str, Callable] = {"digits": _digits_scorers}
 
