@@ -4,7 +4,14 @@ Every method shares the interface of :mod:`leapalign_jax.methods.base`:
 ``Method(loss_and_grad, sample_choice)`` over a :class:`Problem`.
 """
 
-from leapalign_jax.methods import draft, drtune, full_bp, leapalign, refl
+from leapalign_jax.methods import (
+  draft,
+  drtune,
+  full_bp,
+  grpo_step,
+  leapalign,
+  refl,
+)
 from leapalign_jax.methods.base import (
   REFERENCE_NUM_STEPS,
   Method,
@@ -20,6 +27,11 @@ _REGISTRY: dict[str, Method] = {
   "draft_k": draft.METHOD_K,
   "drtune": drtune.METHOD,
   "full_backprop": full_bp.METHOD,
+  # The policy-gradient family (methods/grpo.py, methods/grpo_step.py).
+  **{
+    name: Method(None, grpo_step.sample_choice(name), grpo_step.make_step(name))
+    for name in ("flow_grpo", "dance_grpo", "mix_grpo")
+  },
 }
 
 
