@@ -103,18 +103,31 @@ def _build(config, fns, tx, sigmas_host, variant):
         "with the adapters off); set lora.enabled=True or kl_beta=0."
       )
 
-    def slot_loss(p, rows, sub, k):
+    def slot(p, rows, sub, k):
+      """Log-prob of the recorded step under ``p``, and its Gaussian."""
       t_n = idx_NK[rows, k]
       x, x_next = xs[t_n, rows], xs[t_n + 1, rows]
       s, s_next = sigmas[t_n], sigmas[t_n + 1]
       v = velocity(p, x, s, sub)
       args = (s[:, None, None], s_next[:, None, None], noise, sigmas[1])
       mean, std = sde.mean_std(kind, x, v, *args)
-      new = sde.log_prob(x_next, mean, std)
+      return sde.log_prob(x_next, mean, std), (x, s, args, mean, std)
+
+    rows_UM = order.reshape(num_updates, n_mb)
+    # The rollout's log-probs of each minibatch's trained slots [U, K, M].
+    t_UMK = idx_NK[rows_UM]
+    old_UKM = logp_TN[t_UMK, rows_UM[..., None]].transpose(0, 2, 1)
+
+    def slot_loss(p, rows, sub, k, old_M, first):
+      new, (x, s, args, mean, std) = slot(p, rows, sub, k)
       valid = valid_NK[rows, k]
-      loss, aux = grpo.ppo_loss(
-        new, logp_TN[t_n, rows], adv_N[rows], g["clip_range"], valid
-      )
+      gap = jnp.max(jnp.abs(new - old_M) * valid)
+      # The first update runs at the rollout's parameters: on-policy, its
+      # ratio is 1 by definition. Taking old = stop_gradient(new) there
+      # keeps the rollout-vs-update float rounding (different batch
+      # shapes) out of the clip; the gradient is the same.
+      old_M = jnp.where(first, jax.lax.stop_gradient(new), old_M)
+      loss, aux = grpo.ppo_loss(new, old_M, adv_N[rows], g["clip_range"], valid)
       if beta > 0:
         ref = jax.tree.map(jnp.zeros_like, p)  # LoRA off = the base policy
         v_ref = jax.lax.stop_gradient(velocity(ref, x, s, sub))
@@ -125,19 +138,19 @@ def _build(config, fns, tx, sigmas_host, variant):
         )
         aux["kl"] = jnp.mean(kl_n * valid)
         loss = loss + beta * aux["kl"]
-      return loss, aux
+      return loss, {**aux, "logp_gap": gap}
 
     # Mean over the trained steps, as the references divide by their count.
     k_count = jnp.maximum(jnp.sum(valid_NK[0]), 1).astype(jnp.float32)
 
     def update(carry, u):
       params, opt_state, ema, finite_all = carry
-      rows = jax.lax.dynamic_slice(order, (u * n_mb,), (n_mb,))
+      rows = rows_UM[u]
       sub = jax.tree.map(lambda a: a[rows], gbatch)
 
       def accumulate(acc, k):
         (loss, aux), grads = jax.value_and_grad(slot_loss, has_aux=True)(
-          params, rows, sub, k
+          params, rows, sub, k, old_UKM[u, k], u == 0
         )
         acc = jax.tree.map(lambda a, b: a + b / k_count, acc, grads)
         return acc, (loss, aux)
@@ -167,6 +180,7 @@ def _build(config, fns, tx, sigmas_host, variant):
         "ratio_dev": jnp.max(aux_K["ratio_dev"]),
         "clipfrac": jnp.mean(aux_K["clipfrac"]),
         "approx_kl": jnp.mean(aux_K["approx_kl"]),
+        "logp_gap": jnp.max(aux_K["logp_gap"]),
         **({"kl": jnp.mean(aux_K["kl"])} if beta > 0 else {}),
       }
       return carry, out
@@ -193,6 +207,9 @@ def _build(config, fns, tx, sigmas_host, variant):
       # On the first update the policy is the rollout's: ratio 1.
       "grpo/ratio_dev_first": per_u["ratio_dev"][0],
       "grpo/ratio_dev": jnp.max(per_u["ratio_dev"]),
+      # |update log-prob - rollout log-prob| at the rollout's parameters:
+      # float rounding only (checks the (step, image) bookkeeping).
+      "grpo/logp_gap_first": per_u["logp_gap"][0],
       "grpo/clipfrac": jnp.mean(per_u["clipfrac"]),
       "grpo/approx_kl": jnp.mean(per_u["approx_kl"]),
       "grpo/adv_abs": jnp.mean(jnp.abs(adv_N)),
