@@ -223,6 +223,8 @@ def reward_forward(config: ml_collections.ConfigDict) -> list[tuple]:
     if float(entry.get("weight", 1.0)) == 0.0:
       continue  # evaluation-only: not computed in the training step
     kind = entry.get("kind") or name
+    if kind == "python":
+      continue  # a host scorer: no accelerator FLOPs
     variant = entry.get("variant") or (
       "vit-l-14" if kind == "aesthetic" else ""
     )

@@ -12,6 +12,7 @@ import pytest
 from leapalign_jax import defaults, methods, sampling
 from leapalign_jax import step as step_lib
 from leapalign_jax.methods import grpo
+from leapalign_jax.rewards import nondiff
 
 P, L, C, T = 2, 3, 2, 8  # prompts, tokens, channels, steps
 SIGMAS = sampling.get_schedule(T, 1024)
@@ -176,3 +177,27 @@ def test_mix_grpo_logs_its_window_and_bad_splits_raise():
     )
   with pytest.raises(ValueError, match="LoRA"):
     _run("flow_grpo", _reward_target, kl_beta=0.1)
+
+
+def _host_target(x0, ids):
+  del ids
+  return -np.mean((x0 - 0.5) ** 2, axis=(1, 2))
+
+
+def test_a_host_callback_reward_trains_like_the_jax_one():
+  """The same reward as a numpy host scorer (no gradient) gives the same step."""
+  host = nondiff.host_scorer(_host_target)
+
+  def reward(frozen, x0, batch):
+    del frozen, batch
+    return host({}, x0, None)
+
+  _, state_h, (m_h,) = _run("dance_grpo", reward, num_updates=2)
+  _, state_j, (m_j,) = _run("dance_grpo", _reward_target, num_updates=2)
+  np.testing.assert_allclose(
+    m_h["train/reward"], m_j["train/reward"], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    state_h["params"]["w"], state_j["params"]["w"], rtol=1e-4, atol=1e-6
+  )
+  assert m_h["grpo/adv_abs"] > 0
