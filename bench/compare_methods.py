@@ -42,6 +42,19 @@ VARIANTS = {
   "leapalign 1 leap": ["leap.num_leaps=1"],
   "leapalign 3 leaps": ["leap.num_leaps=3"],
   "leapalign no weighting": ["leap.weighting='none'"],
+  # The GRPO family with the CLIP reward (no reward gradient used): 8
+  # prompts x 4 images = the 32 images per step the others generate, two
+  # PPO updates per rollout; MixGRPO's window moves every 10 iterations.
+  **{
+    name: [
+      f"method={name!r}",
+      "data.global_batch=8",
+      "grpo.group_size=4",
+      "grpo.num_updates=2",
+      *(["grpo.window_interval=10"] if name == "mix_grpo" else []),
+    ]
+    for name in ("flow_grpo", "dance_grpo", "mix_grpo")
+  },
 }
 ATTRS = ("digit", "colour", "position", "all")
 COLUMNS = ("reward/clip", *(f"eval/{a}" for a in ATTRS), "eval/stray")

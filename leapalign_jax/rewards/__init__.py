@@ -65,7 +65,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from leapalign_jax.errors import UserError
-from leapalign_jax.rewards import aesthetic, clip_score, text
+from leapalign_jax.rewards import aesthetic, clip_score, nondiff, text
 from leapalign_jax.rewards.base import Loaded, Reward, check_images
 
 __all__ = ["Reward", "build", "check_images", "get", "names", "text"]
@@ -75,6 +75,7 @@ _BUILDERS = {
   "clip": clip_score.build_clip,
   "hpsv2": clip_score.build_hpsv2,
   "pickscore": clip_score.build_pickscore,
+  "python": nondiff.build_python,  # a host scorer: no gradient
 }
 # The tokenizer each reward was trained with, declared beside its scorer.
 TOKENIZERS = text.TOKENIZERS
@@ -122,6 +123,7 @@ def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
     fns={n: e.fn for n, (_, e) in entries.items()},
     text_length=min(lengths) if lengths else 0,
     tokenizers={n: e.tokenizer for n, (_, e) in entries.items() if e.tokenizer},
+    differentiable={n: e.differentiable for n, (_, e) in entries.items()},
   )
 
 

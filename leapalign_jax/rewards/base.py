@@ -34,6 +34,7 @@ class Loaded:
   fn: ScoreFn
   text_length: int  # 0: the reward reads no text
   tokenizer: str = ""  # its style (``rewards.text``); "" reads no text
+  differentiable: bool = True  # False: values only (``rewards.nondiff``)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,6 +61,8 @@ class Reward:
   fns: Mapping[str, ScoreFn]
   text_length: int
   tokenizers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # {name: False} for rewards without a gradient (absent: differentiable).
+  differentiable: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
   def score_each(
     self, params, images_BHWC: jax.Array, ids_BL: jax.Array | None

@@ -38,6 +38,7 @@ TOKENIZERS = {
   "clip": "checkpoint",
   "hpsv2": "openclip",
   "pickscore": "hf",
+  "python": None,  # host scorers (rewards.nondiff) read no prompt ids
 }
 
 
