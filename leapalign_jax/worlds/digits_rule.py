@@ -96,6 +96,7 @@ def fit(
   seed: int,
   prompt_ids: np.ndarray,
   records: Sequence[Mapping[str, Any]],
+  sizes: Mapping[str, tuple[int, int]] = HEAD_SIZES,
 ) -> digits_rule.RuleClassifier:
   """Fits the three heads and stores the prompts' attribute table.
 
@@ -106,6 +107,7 @@ def fit(
       rule reads tokenises them, in ``records`` order.
     records: the world's prompt records (``digit``, ``colour``,
       ``position`` names).
+    sizes: ``{head: (hidden units, epochs)}`` (tests fit smaller heads).
 
   Returns:
     The classifier.
@@ -113,7 +115,7 @@ def fit(
   images, labels = training_set(world, seed)
   inputs = digits_rule.head_inputs(images)
   heads = {
-    h: fit_head(inputs[h], labels[:, i], *HEAD_SIZES[h], seed=seed + i)
+    h: fit_head(inputs[h], labels[:, i], *sizes[h], seed=seed + i)
     for i, h in enumerate(digits_rule.HEADS)
   }
   attributes = np.array(
