@@ -148,6 +148,7 @@ def test_registry_and_api(all_rewards):
   assert rewards.names() == (
     "aesthetic",
     "clip",
+    "digits_rule",
     "hpsv2",
     "pickscore",
     "python",
