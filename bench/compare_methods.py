@@ -13,8 +13,19 @@ time is in the JSON (``step_s``) but depends on what else the machine ran.
 
   python bench/compare_methods.py [--seeds 3] [--steps 100] [--out DIR]
       [--variants leapalign,refl,...] [--config configs/digits.py]
+      [--points 4] [--no-compiled] [--first-seed 0] [--name NAME]
 
-Writes ``<out>/compare_methods.{json,md}`` and ``reward_curves.png``; runs
+The GRPO family (``flow_grpo``, ``dance_grpo``, ``mix_grpo``) runs with the
+CLIP reward and, as ``<method> rule``, with the rule-based reward
+(``digits_rule``: no gradient, so only they can train on it). GRPO makes G
+images per prompt, so runs are compared against images generated and
+training wall-clock, not only iterations: with ``--points K`` each run
+stops K times (resuming exactly), and the EMA weights are evaluated at
+each stop; ``<name>_accuracy_vs_time.png`` plots held-out accuracy and the
+rule reward against training seconds (compilation and evaluation
+excluded) and images generated.
+
+Writes ``<out>/<name>.{json,md}`` and ``<name>_reward_curves.png``; runs
 that finished are reused, so an interrupted benchmark resumes.
 """
 
