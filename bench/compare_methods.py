@@ -155,7 +155,10 @@ def run_one(config_path, world, out, name, seed, steps, points=1):
   wall = time.perf_counter() - started
   lines = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   # The first logged window includes compilation: leave it out.
-  step_s = [x["perf/step_s"] for x in lines[1:]] or [lines[0]["perf/step_s"]]
+  # (A resumed start's first step is untimed: windows may lack the key.)
+  step_s = [x["perf/step_s"] for x in lines[1:] if "perf/step_s" in x] or [
+    x["perf/step_s"] for x in lines if "perf/step_s" in x
+  ]
   per_step = images_per_step(config)
   record = {
     "variant": name,
