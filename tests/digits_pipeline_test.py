@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from leapalign_jax import configs_io, data, train
-from leapalign_jax.worlds import digits, digits_pipeline
+from leapalign_jax.worlds import digits, digits_pipeline, digits_stages
 
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py")
 STAGE_OUTPUTS = (
@@ -162,7 +162,7 @@ def test_main_job_end_to_end(built, tmp_path):
   assert "eval/digit" in (folder / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("failing", ["_train_autoencoder", "_train_reward"])
+@pytest.mark.parametrize("failing", ["train_autoencoder", "train_reward"])
 def test_a_failing_stage_stops_the_concurrent_one(
   failing, tmp_path, monkeypatch
 ):
@@ -172,7 +172,7 @@ def test_a_failing_stage_stops_the_concurrent_one(
   def boom(*args, **kwargs):
     raise RuntimeError(f"boom in {failing}")
 
-  monkeypatch.setattr(digits_pipeline, failing, boom)
+  monkeypatch.setattr(digits_stages, failing, boom)
   # The surviving stage alone would take minutes at these step counts.
   cfg = fast(
     "world_options.ae_steps=5000",
