@@ -184,6 +184,52 @@ def run_one(config_path, world, out, name, seed, steps, points=1):
   return record
 
 
+def partial_record(out, name, seed, config_path, world):
+  """The record of an interrupted run: its last finished evaluation.
+
+  For a run stopped before its record was written (``--collect``): the
+  latest ``eval/after/eval.json``, at the last checkpoint saved before it,
+  with the training seconds up to that step. None if it has none.
+  """
+  workdir = os.path.join(out, "runs", f"{slug(name)}_s{seed}")
+  path = os.path.join(workdir, "eval", "after", "eval.json")
+  ckpts = os.path.join(workdir, "checkpoints")
+  if not (os.path.exists(path) and os.path.isdir(ckpts)):
+    return None
+  with open(path) as f:
+    after = json.load(f)
+  made = os.path.getmtime(path)
+  steps = [
+    int(d)
+    for d in os.listdir(ckpts)
+    if d.isdigit() and os.path.getmtime(os.path.join(ckpts, d)) < made
+  ]
+  if not steps:
+    return None
+  stop = max(steps)
+  lines = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  lines = [x for x in lines if x["step"] <= stop]
+  per_step = images_per_step(variant_config(config_path, world, name, seed, 1))
+  step_s = [x["perf/step_s"] for x in lines[1:] if "perf/step_s" in x]
+  return {
+    "variant": name,
+    "seed": seed,
+    "after": after,
+    "step_s": float(np.mean(step_s)) if step_s else float("nan"),
+    "images_per_step": per_step,
+    "partial": True,
+    "points": [
+      {
+        "step": stop,
+        "images": stop * per_step,
+        "train_s": train_seconds(lines),
+        "after": after,
+      }
+    ],
+    "curve": [[x["step"], x["train/reward"]] for x in lines],
+  }
+
+
 def compiled_figures(config_path, world, out, name, steps, repeats=20):
   """The compiled step's median time and temporary memory (seed 0)."""
   path = os.path.join(out, "compiled.json")
@@ -348,6 +394,12 @@ def main(argv=None):
     help="skip the compiled step's isolated timing and memory",
   )
   parser.add_argument("--name", default="compare_methods")
+  parser.add_argument(
+    "--collect",
+    action="store_true",
+    help="run nothing: report finished runs and interrupted ones' last "
+    "evaluation (partial_record)",
+  )
   parser.add_argument("--variants", default=",".join(VARIANTS))
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.variants.split(",")]
@@ -369,6 +421,16 @@ def main(argv=None):
   records = []
   for seed in seeds:  # seed-major: early stops cover variants
     for name in names:
+      if args.collect:
+        done = os.path.join(out, "runs", f"{slug(name)}_s{seed}", "record.json")
+        if os.path.exists(done):
+          with open(done) as f:
+            records.append(json.load(f))
+        else:
+          r = partial_record(out, name, seed, args.config, world)
+          if r is not None:
+            records.append(r)
+        continue
       records.append(
         run_one(args.config, world, out, name, seed, args.steps, args.points)
       )
@@ -391,7 +453,7 @@ def main(argv=None):
       f,
     )
   plot(records, names, os.path.join(out, f"{args.name}_reward_curves.png"))
-  if args.points > 1:
+  if args.points > 1 or args.collect:
     plot_points(
       base,
       records,
