@@ -13,8 +13,19 @@ time is in the JSON (``step_s``) but depends on what else the machine ran.
 
   python bench/compare_methods.py [--seeds 3] [--steps 100] [--out DIR]
       [--variants leapalign,refl,...] [--config configs/digits.py]
+      [--points 4] [--no-compiled] [--first-seed 0] [--name NAME]
 
-Writes ``<out>/compare_methods.{json,md}`` and ``reward_curves.png``; runs
+The GRPO family (``flow_grpo``, ``dance_grpo``, ``mix_grpo``) runs with the
+CLIP reward and, as ``<method> rule``, with the rule-based reward
+(``digits_rule``: no gradient, so only they can train on it). GRPO makes G
+images per prompt, so runs are compared against images generated and
+training wall-clock, not only iterations: with ``--points K`` each run
+stops K times (resuming exactly), and the EMA weights are evaluated at
+each stop; ``<name>_accuracy_vs_time.png`` plots held-out accuracy and the
+rule reward against training seconds (compilation and evaluation
+excluded) and images generated.
+
+Writes ``<out>/<name>.{json,md}`` and ``<name>_reward_curves.png``; runs
 that finished are reused, so an interrupted benchmark resumes.
 """
 
@@ -24,6 +35,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 import numpy as np
 
@@ -42,22 +54,50 @@ VARIANTS = {
   "leapalign 1 leap": ["leap.num_leaps=1"],
   "leapalign 3 leaps": ["leap.num_leaps=3"],
   "leapalign no weighting": ["leap.weighting='none'"],
+  # The GRPO family with the CLIP reward (no reward gradient used): 8
+  # prompts x 4 images = the 32 images per step the others generate, two
+  # PPO updates per rollout; MixGRPO's window moves every 10 iterations.
+  **{
+    name: [
+      f"method={name!r}",
+      "data.global_batch=8",
+      "grpo.group_size=4",
+      "grpo.num_updates=2",
+      *(["grpo.window_interval=10"] if name == "mix_grpo" else []),
+    ]
+    for name in ("flow_grpo", "dance_grpo", "mix_grpo")
+  },
 }
+# The GRPO family on the rule-based reward (rewards.rule, `digits_rule`: a
+# classifier's argmax checked against the prompt; no gradient). The CLIP
+# reward stays at weight 0: reported, and the rule reads its prompt ids.
+for _name in ("flow_grpo", "dance_grpo", "mix_grpo"):
+  VARIANTS[f"{_name} rule"] = [
+    *VARIANTS[_name],
+    "rewards.clip.weight=0.0",
+    "rewards.rule.weight=1.0",
+  ]
+GRPO = ("flow_grpo", "dance_grpo", "mix_grpo")
 ATTRS = ("digit", "colour", "position", "all")
-COLUMNS = ("reward/clip", *(f"eval/{a}" for a in ATTRS), "eval/stray")
+COLUMNS = (
+  "reward/clip",
+  "reward/rule",
+  *(f"eval/{a}" for a in ATTRS),
+  "eval/stray",
+)
 
 
 def slug(name: str) -> str:
   return name.replace(" ", "_").replace("=", "")
 
 
-def variant_config(config_path, world, name, seed, steps):
+def variant_config(config_path, world, name, seed, steps, overwrite=True):
   overrides = [
     f"world_options.dir={world!r}",
     f"seed={seed}",
     f"train.num_steps={steps}",
     f"train.ckpt_every_steps={steps}",
-    "train.overwrite=True",
+    f"train.overwrite={overwrite}",
     "eval.before=False",
     "export.enabled=False",
     *VARIANTS[name],
@@ -65,29 +105,129 @@ def variant_config(config_path, world, name, seed, steps):
   return configs_io.load_config(config_path, overrides)
 
 
-def run_one(config_path, world, out, name, seed, steps):
-  """Aligns one (variant, seed); returns its record (reused if done)."""
+def images_per_step(config) -> int:
+  """Images generated per iteration (a GRPO rollout: G per prompt)."""
+  n = int(config.data.global_batch)
+  if config.method in GRPO:
+    n *= int(config.grpo.group_size)
+  return n
+
+
+def train_seconds(lines) -> float:
+  """Training wall time of logged steps (compile excluded).
+
+  Each logged window's mean step time times its steps; the first step of
+  each start (its compilation) is untimed and counted at the window mean.
+  """
+  total, last = 0.0, 0
+  for x in lines:
+    if "perf/step_s" in x:
+      total += x["perf/step_s"] * (x["step"] - last)
+    last = x["step"]
+  return total
+
+
+def run_one(config_path, world, out, name, seed, steps, points=1):
+  """Aligns one (variant, seed); returns its record (reused if done).
+
+  With ``points`` > 1 the run stops at ``points`` evenly spaced steps
+  (resuming exactly each time) and the EMA weights are evaluated at each:
+  the record's ``points`` give, per stop, the step, images generated,
+  training seconds (without compilation or evaluation) and the evaluation.
+  """
   workdir = os.path.join(out, "runs", f"{slug(name)}_s{seed}")
   done = os.path.join(workdir, "record.json")
   if os.path.exists(done):
     with open(done) as f:
       return json.load(f)
-  config = variant_config(config_path, world, name, seed, steps)
-  result = train.train_and_evaluate(config, workdir)
+  stops = sorted(
+    {max(1, round(steps * (i + 1) / points)) for i in range(points)}
+  )
+  evals = []
+  started = time.perf_counter()
+  for stop in stops:
+    # The first stop starts afresh; later ones resume the same run.
+    config = variant_config(
+      config_path, world, name, seed, stop, overwrite=stop == stops[0]
+    )
+    result = train.train_and_evaluate(config, workdir)
+    evals.append((stop, result["after"]))
+  wall = time.perf_counter() - started
   lines = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   # The first logged window includes compilation: leave it out.
-  step_s = [x["perf/step_s"] for x in lines[1:]] or [lines[0]["perf/step_s"]]
+  # (A resumed start's first step is untimed: windows may lack the key.)
+  step_s = [x["perf/step_s"] for x in lines[1:] if "perf/step_s" in x] or [
+    x["perf/step_s"] for x in lines if "perf/step_s" in x
+  ]
+  per_step = images_per_step(config)
   record = {
     "variant": name,
     "seed": seed,
-    "after": result["after"],
+    "after": evals[-1][1],
     "step_s": float(np.mean(step_s)),
+    "images_per_step": per_step,
+    "wall_s_with_evals": wall,
+    "points": [
+      {
+        "step": stop,
+        "images": stop * per_step,
+        "train_s": train_seconds([x for x in lines if x["step"] <= stop]),
+        "after": after,
+      }
+      for stop, after in evals
+    ],
     "curve": [[x["step"], x["train/reward"]] for x in lines],
   }
   with open(done + ".tmp", "w") as f:
     json.dump(record, f)
   os.replace(done + ".tmp", done)
   return record
+
+
+def partial_record(out, name, seed, config_path, world):
+  """The record of an interrupted run: its last finished evaluation.
+
+  For a run stopped before its record was written (``--collect``): the
+  latest ``eval/after/eval.json``, at the last checkpoint saved before it,
+  with the training seconds up to that step. None if it has none.
+  """
+  workdir = os.path.join(out, "runs", f"{slug(name)}_s{seed}")
+  path = os.path.join(workdir, "eval", "after", "eval.json")
+  ckpts = os.path.join(workdir, "checkpoints")
+  if not (os.path.exists(path) and os.path.isdir(ckpts)):
+    return None
+  with open(path) as f:
+    after = json.load(f)
+  made = os.path.getmtime(path)
+  steps = [
+    int(d)
+    for d in os.listdir(ckpts)
+    if d.isdigit() and os.path.getmtime(os.path.join(ckpts, d)) < made
+  ]
+  if not steps:
+    return None
+  stop = max(steps)
+  lines = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  lines = [x for x in lines if x["step"] <= stop]
+  per_step = images_per_step(variant_config(config_path, world, name, seed, 1))
+  step_s = [x["perf/step_s"] for x in lines[1:] if "perf/step_s" in x]
+  return {
+    "variant": name,
+    "seed": seed,
+    "after": after,
+    "step_s": float(np.mean(step_s)) if step_s else float("nan"),
+    "images_per_step": per_step,
+    "partial": True,
+    "points": [
+      {
+        "step": stop,
+        "images": stop * per_step,
+        "train_s": train_seconds(lines),
+        "after": after,
+      }
+    ],
+    "curve": [[x["step"], x["train/reward"]] for x in lines],
+  }
 
 
 def compiled_figures(config_path, world, out, name, steps, repeats=20):
@@ -131,24 +271,37 @@ def base_eval(config_path, world, out):
 
 
 def table(base, records, figures, names) -> str:
-  head = ["variant", *COLUMNS, "step s", "temp MiB"]
+  """Mean ± std over seeds per variant; columns the base evaluation has."""
+  cols = [c for c in COLUMNS if c in base]
+  timed = bool(figures)
+  head = ["variant", *cols, "images", "train s"]
+  if timed:
+    head += ["step s", "temp MiB"]
   rows = [
     "| " + " | ".join(head) + " |",
     "|" + "---|" * len(head),
     "| base model | "
-    + " | ".join(f"{base[c]:.3f}" for c in COLUMNS)
-    + " | | |",
+    + " | ".join(f"{base[c]:.3f}" for c in cols)
+    + " | 0 | 0 |"
+    + (" | |" if timed else ""),
   ]
   for name in names:
     rs = [r for r in records if r["variant"] == name]
     if not rs:
       continue
     cells = []
-    for c in COLUMNS:
+    for c in cols:
       v = np.array([r["after"][c] for r in rs])
       cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
-    cells.append(f"{figures[name]['step_s']:.3f}")
-    cells.append(f"{figures[name]['temp_bytes'] / 2**20:.1f}")
+    last = [r["points"][-1] if r.get("points") else None for r in rs]
+    if all(last):
+      cells.append(str(last[0]["images"]))
+      cells.append(f"{np.mean([p['train_s'] for p in last]):.0f}")
+    else:
+      cells += ["", ""]
+    if timed:
+      cells.append(f"{figures[name]['step_s']:.3f}")
+      cells.append(f"{figures[name]['temp_bytes'] / 2**20:.1f}")
     rows.append(f"| {name} (n={len(rs)}) | " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
@@ -172,6 +325,54 @@ def plot(records, names, path):
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_points(base, records, names, path, header):
+  """Held-out accuracy and rewards vs training seconds and images.
+
+  One line per variant: the mean over seeds at each evaluation stop (the
+  base model at 0), error bars = std over seeds.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  metrics_ = [m for m in ("eval/digit", "eval/all", "reward/rule") if m in base]
+  fig, axes = plt.subplots(
+    len(metrics_), 2, figsize=(12, 3.4 * len(metrics_)), squeeze=False
+  )
+  for name in names:
+    rs = [r for r in records if r["variant"] == name and r.get("points")]
+    if not rs:
+      continue
+    n = min(len(r["points"]) for r in rs)
+    for row, m in enumerate(metrics_):
+      ys = np.array(
+        [[base[m]] + [p["after"][m] for p in r["points"][:n]] for r in rs]
+      )
+      for col, key in enumerate(("train_s", "images")):
+        xs = np.array([[0.0] + [p[key] for p in r["points"][:n]] for r in rs])
+        style = "--" if name.endswith(" rule") else "-"
+        axes[row, col].errorbar(
+          xs.mean(0),
+          ys.mean(0),
+          yerr=ys.std(0),
+          fmt=style + "o",
+          markersize=3,
+          capsize=2,
+          label=name,
+        )
+  for row, m in enumerate(metrics_):
+    axes[row, 0].set_ylabel(f"held-out {m}")
+    axes[row, 0].set_xlabel("training wall-clock s (no compile, no eval)")
+    axes[row, 1].set_xlabel("images generated")
+  axes[0, 1].legend(fontsize=7)
+  fig.suptitle(header, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -179,7 +380,26 @@ def main(argv=None):
   parser.add_argument("--config", default="configs/digits.py")
   parser.add_argument("--out", default="runs/compare_methods")
   parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--first-seed", type=int, default=0)
   parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument(
+    "--points",
+    type=int,
+    default=1,
+    help="held-out evaluations per run, evenly spaced (1: at the end)",
+  )
+  parser.add_argument(
+    "--no-compiled",
+    action="store_true",
+    help="skip the compiled step's isolated timing and memory",
+  )
+  parser.add_argument("--name", default="compare_methods")
+  parser.add_argument(
+    "--collect",
+    action="store_true",
+    help="run nothing: report finished runs and interrupted ones' last "
+    "evaluation (partial_record)",
+  )
   parser.add_argument("--variants", default=",".join(VARIANTS))
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.variants.split(",")]
@@ -191,14 +411,29 @@ def main(argv=None):
   os.makedirs(out, exist_ok=True)
   base = base_eval(args.config, world, out)
   # Timed first, one variant after another, while nothing else runs.
-  figures = {
-    name: compiled_figures(args.config, world, out, name, args.steps)
-    for name in names
-  }
+  figures = {}
+  if not args.no_compiled:
+    figures = {
+      name: compiled_figures(args.config, world, out, name, args.steps)
+      for name in names
+    }
+  seeds = range(args.first_seed, args.first_seed + args.seeds)
   records = []
-  for seed in range(args.seeds):  # seed-major: early stops cover variants
+  for seed in seeds:  # seed-major: early stops cover variants
     for name in names:
-      records.append(run_one(args.config, world, out, name, seed, args.steps))
+      if args.collect:
+        done = os.path.join(out, "runs", f"{slug(name)}_s{seed}", "record.json")
+        if os.path.exists(done):
+          with open(done) as f:
+            records.append(json.load(f))
+        else:
+          r = partial_record(out, name, seed, args.config, world)
+          if r is not None:
+            records.append(r)
+        continue
+      records.append(
+        run_one(args.config, world, out, name, seed, args.steps, args.points)
+      )
       print(f"done {name} seed {seed}", file=sys.stderr, flush=True)
   md = table(base, records, figures, names)
   stamp = datetime.date.today().isoformat()
@@ -206,18 +441,26 @@ def main(argv=None):
     f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
   )
   header = (
-    f"digits world, {args.steps} iterations, seeds 0..{args.seeds - 1}, "
+    f"digits world, {args.steps} iterations, seeds {seeds[0]}..{seeds[-1]}, "
     f"{stamp}, {machine}"
   )
   print(header + "\n\n" + md)
-  with open(os.path.join(out, "compare_methods.md"), "w") as f:
+  with open(os.path.join(out, f"{args.name}.md"), "w") as f:
     f.write(header + "\n\n" + md + "\n")
-  with open(os.path.join(out, "compare_methods.json"), "w") as f:
+  with open(os.path.join(out, f"{args.name}.json"), "w") as f:
     json.dump(
       {"header": header, "base": base, "compiled": figures, "records": records},
       f,
     )
-  plot(records, names, os.path.join(out, "reward_curves.png"))
+  plot(records, names, os.path.join(out, f"{args.name}_reward_curves.png"))
+  if args.points > 1 or args.collect:
+    plot_points(
+      base,
+      records,
+      names,
+      os.path.join(out, f"{args.name}_accuracy_vs_time.png"),
+      header,
+    )
   return 0
 
 

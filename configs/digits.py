@@ -32,6 +32,12 @@ colour/position pairs (most negatives then differ only in the digit), adds
 each prompt naming another digit as a text negative, and trains 1,200 steps:
 digit ranking 68% (``stages.json``: ``reward.digit_rank_acc``).
 
+``rewards.rule`` is a second, rule-based reward without gradient
+(``rewards/digits_rule.py``, fitted by ``worlds/digits_rule.py``): a small
+classifier's argmax checked against the prompt's digit, colour and position
+(the fraction matched), GenEval's role in training. It is not the held-out
+evaluator. At weight 0 it is only reported; the GRPO methods can train on it.
+
 ``get_config("fast")`` is a seconds-long version of the same pipeline (a few
 steps per stage; nothing is learnt) for tests and smoke runs.
 """
@@ -68,7 +74,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dtype": "float32",
         "remat": "none",
         "scale": "cosine",
-      }
+      },
+      # The rule-based reward (GenEval's role in training; no gradient):
+      # weight 0 = reported at evaluation only. The GRPO family can
+      # optimise it (rewards.rule.weight=1, rewards.clip.weight=0; the CLIP
+      # entry stays, as the rule reads its prompt ids); direct-gradient
+      # methods refuse it. Its path is set by the world (rule.npz).
+      "rule": {
+        "kind": "digits_rule",
+        "weight": 0.0,
+        "path": "",
+        "ids": "clip",
+        "score": "fraction",
+      },
     }
   )
   c.mesh.num_devices = 1  # a CPU host: one device

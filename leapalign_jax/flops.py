@@ -192,13 +192,30 @@ class Calls:
   recompute: int  # forwards rematerialisation adds per differentiated call
 
 
+def images_per_prompt(config: ml_collections.ConfigDict) -> int:
+  """Images one step generates per prompt: G for the GRPO family, else 1."""
+  from leapalign_jax.methods import grpo
+
+  if config.method in grpo.VARIANTS:
+    return int(config.grpo.group_size)
+  return 1
+
+
 def dit_calls(config: ml_collections.ConfigDict, remat: bool) -> Calls:
   """How many DiT calls one step of ``config.method`` makes per image.
 
   ``remat``: the model rematerialises its blocks (``<section>.remat``).
   """
+  from leapalign_jax.methods import grpo
+
   T, m = config.sampling.num_steps, config.method
   remat = int(remat)
+  if m in grpo.VARIANTS:
+    # A T-step rollout, then each image trains K recorded steps once
+    # (spread over the inner updates); the KL adds a reference forward.
+    g = grpo.options(config, m)
+    k = grpo.num_trained(T, g)
+    return Calls(T + k + k * (g["kl_beta"] > 0), k, remat)
   if m == "leapalign":
     n = config.leap.num_leaps
     extra = n if config.leap.grad_passes == "recompute" else 0
@@ -254,6 +271,8 @@ def reward_forward(config: ml_collections.ConfigDict) -> list[tuple]:
     if float(entry.get("weight", 1.0)) == 0.0:
       continue  # evaluation-only: not computed in the training step
     kind = entry.get("kind") or name
+    if kind == "python":
+      continue  # a host scorer: no accelerator FLOPs
     variant = entry.get("variant") or (
       "vit-l-14" if kind == "aesthetic" else ""
     )
@@ -265,6 +284,12 @@ def reward_forward(config: ml_collections.ConfigDict) -> list[tuple]:
     vision, text = clip_forward(c)
     out.append((vision, text, entry.get("remat", "none")))
   return out
+
+
+def _grpo_names() -> tuple[str, ...]:
+  from leapalign_jax.methods import grpo
+
+  return tuple(grpo.VARIANTS)
 
 
 def dit_backward(parts: DitFlops, lora_fwd: float, lora: bool) -> float:
@@ -291,7 +316,7 @@ def train_step(
     model_cfg, ae_cfg: the flow model's and the autoencoder's configs.
     latent_hw: the latent's height and width (packed tokens: a quarter).
   """
-  B = config.data.global_batch
+  B = config.data.global_batch * images_per_prompt(config)
   lh, lw = latent_hw
   n_img, n_txt = (lh // 2) * (lw // 2), family.text_tokens(config)
   calls = dit_calls(config, config[family.section].remat != "none")
@@ -316,11 +341,13 @@ def train_step(
   recompute = B * calls.grads * calls.recompute * fwd
   decodes = 1 + (config.draft.lv_n if config.method == "draft_lv" else 0)
   decode = vae_decode(ae_cfg, lh, lw)
-  # Frozen decoder and reward: forward + input gradient (about as much).
-  vae = B * decodes * 2 * decode
-  recompute += B * decodes * (config.vae.remat != "none") * decode
+  # Frozen decoder and reward: forward + input gradient (about as much);
+  # the GRPO family needs no reward gradient: forward only, no remat.
+  grad = config.method not in _grpo_names()
+  vae = B * decodes * (1 + grad) * decode
+  recompute += B * decodes * grad * (config.vae.remat != "none") * decode
   reward = 0.0
   for vision, text, remat in reward_forward(config):
-    reward += B * decodes * (2 * vision + text)
-    recompute += B * decodes * (remat != "none") * vision
+    reward += B * decodes * ((1 + grad) * vision + text)
+    recompute += B * decodes * grad * (remat != "none") * vision
   return StepFlops(float(dit), float(vae), float(reward), float(recompute))

@@ -122,6 +122,8 @@ def make_train_step(
   from leapalign_jax import methods
 
   method = methods.get(config.method)
+  if method.make_step is not None:  # GRPO family: several updates per step
+    return method.make_step(config, fns, tx, sigmas)
   ema_decay = float(config.optim.ema_decay)
   sigmas = np.asarray(sigmas, np.float32)
   nan_steps = tuple(config.get("debug", {}).get("nan_at_steps", ()) or ())

@@ -33,6 +33,7 @@ from leapalign_jax import errors, fileio, locks, sharding
 from leapalign_jax import metrics as metrics_lib
 from leapalign_jax import step as step_lib
 from leapalign_jax.preemption import Preemption
+from leapalign_jax.rewards import nondiff as rewards_nondiff
 
 _LOG = logging.getLogger(__name__)
 
@@ -201,6 +202,10 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
 
   comps = components.load(config, mesh)
   method = methods.get(config.method)
+  # Direct-gradient methods refuse a reward without a gradient.
+  rewards_nondiff.check_gradient(
+    config.method, method.make_step is None, comps.reward
+  )
   # The method's host-side options (draft.k, leap.step_range, ...).
   errors.as_user_error(
     f"method {config.method}",

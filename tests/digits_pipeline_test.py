@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 
 from leapalign_jax import configs_io, data, train
-from leapalign_jax.worlds import digits, digits_pipeline
+from leapalign_jax.worlds import digits, digits_pipeline, digits_stages
 
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py")
-STAGE_OUTPUTS = ("vae", "transformer", "reward_clip", "evaluator.npz")
+STAGE_OUTPUTS = (
+  "vae",
+  "transformer",
+  "reward_clip",
+  "evaluator.npz",
+  "rule.npz",
+)
 
 
 def fast(*overrides):
@@ -78,9 +84,16 @@ def test_stages_write_loadable_checkpoints(built):
     assert os.path.exists(os.path.join(folder, name)), name
   with open(os.path.join(folder, "stages.json")) as f:
     stages = json.load(f)
-  assert set(stages) == {"autoencoder", "flux", "reward", "evaluator"}
+  assert set(stages) == {"autoencoder", "flux", "reward", "evaluator", "rule"}
   for name in ("autoencoder", "flux", "reward"):
     assert np.isfinite(stages[name]["loss"]) and stages[name]["steps"] == 2
+  # The rule reward's classifier (full size even in the fast world): right
+  # on clean renders of unseen writers' digits; the config points at it.
+  assert stages["rule"]["test_colour_acc"] >= 0.99
+  assert stages["rule"]["test_position_acc"] >= 0.99
+  assert stages["rule"]["test_digit_acc"] >= 0.8
+  assert config.rewards.rule.path == os.path.join(folder, "rule.npz")
+  assert config.rewards.clip.path == os.path.join(folder, "reward_clip")
   flux_cfg, _ = load_flux(config.flux.path)
   ae_cfg, _ = load_autoencoder(config.vae.path)
   assert flux_cfg.in_channels == 4 * ae_cfg.z_channels == 16
@@ -108,7 +121,7 @@ def test_prepare_resumes_only_missing_stages(built, tmp_path):
       want = f.read()
     with open(os.path.join(copy, "reward_clip", name), "rb") as f:
       assert f.read() == want, name
-  for n in ("vae", "transformer", "evaluator.npz"):
+  for n in ("vae", "transformer", "evaluator.npz", "rule.npz"):
     assert os.path.getmtime(os.path.join(copy, n)) == mtimes[n], n
   # A different option set must not silently reuse this world.
   other = fast(f"world_options.dir={copy!r}", "world_options.flux_steps=3")
@@ -125,8 +138,17 @@ def test_main_job_end_to_end(built, tmp_path):
   for tag in ("before", "after"):
     with open(folder / tag / "eval.json") as f:
       summary = json.load(f)
-    for key in ("reward/clip", "eval/digit", "eval/colour", "eval/position"):
+    for key in (
+      "reward/clip",
+      "reward/rule",
+      "eval/digit",
+      "eval/colour",
+      "eval/position",
+    ):
       assert np.isfinite(summary[key]), key
+    # The rule reward is a fraction of the three attributes.
+    thirds = summary["reward/rule"] * 3 * config.eval.num_prompts
+    assert abs(thirds - round(thirds)) < 1e-3, summary["reward/rule"]
     text = (folder / tag / "samples.jsonl").read_text()
     lines = [json.loads(x) for x in text.splitlines()]
     assert len(lines) == config.eval.num_prompts
@@ -140,7 +162,7 @@ def test_main_job_end_to_end(built, tmp_path):
   assert "eval/digit" in (folder / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("failing", ["_train_autoencoder", "_train_reward"])
+@pytest.mark.parametrize("failing", ["train_autoencoder", "train_reward"])
 def test_a_failing_stage_stops_the_concurrent_one(
   failing, tmp_path, monkeypatch
 ):
@@ -150,7 +172,7 @@ def test_a_failing_stage_stops_the_concurrent_one(
   def boom(*args, **kwargs):
     raise RuntimeError(f"boom in {failing}")
 
-  monkeypatch.setattr(digits_pipeline, failing, boom)
+  monkeypatch.setattr(digits_stages, failing, boom)
   # The surviving stage alone would take minutes at these step counts.
   cfg = fast(
     "world_options.ae_steps=5000",

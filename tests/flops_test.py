@@ -39,7 +39,9 @@ def test_every_registered_method_has_a_model(method):
   fwd = flops.dit_forward(DEV, 2025, 512)
   assert calls.forwards >= c.sampling.num_steps and calls.grads >= 1
   # Between "forwards only" and "every call a full fine-tune backward".
-  assert calls.forwards * fwd < f.dit < (calls.forwards + 3 * calls.grads) * fwd
+  g = flops.images_per_prompt(c)  # G images per prompt (GRPO family)
+  lo, hi = calls.forwards * fwd, (calls.forwards + 3 * calls.grads) * fwd
+  assert g * lo < f.dit < g * hi
   assert f.hardware > f.total > 0
 
 
@@ -81,3 +83,20 @@ def test_chains_recompute_each_step_twice_under_remat():
   assert flops.dit_calls(c, c.flux.remat != "none") == flops.Calls(25, 25, 1)
   c.full_bp.truncation = "random"
   assert flops.dit_calls(c, c.flux.remat != "none").grads == 4  # round(mean_k)
+
+
+def test_grpo_counts_group_rollouts_and_trained_steps():
+  c = paper_config("lora=1")
+  c.data.global_batch = 2
+  c.method = "dance_grpo"
+  c.sampling.num_steps = 16
+  c.grpo.update(group_size=12, timestep_fraction=0.6)
+  calls = flops.dit_calls(c, c.flux.remat != "none")
+  assert calls == flops.Calls(16 + 9, 9, calls.recompute)  # int(15 * 0.6)
+  f = flops.train_step(c, FLUX, DEV, AE, LATENT)
+  c.data.global_batch = 1
+  c.grpo.group_size = 6
+  # Linear in the images: 2 prompts x 12 = 4 x (1 prompt x 6).
+  assert f.total == pytest.approx(
+    4 * flops.train_step(c, FLUX, DEV, AE, LATENT).total
+  )

@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     "library",
     (
       "sampling",
+      "sde",
       "leap",
       "methods",
       "rewards",

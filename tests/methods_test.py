@@ -132,6 +132,9 @@ def test_registry():
     "draft_k",
     "drtune",
     "full_backprop",
+    "flow_grpo",
+    "dance_grpo",
+    "mix_grpo",
   )
   for name in methods.names():
     assert isinstance(methods.get(name), methods.Method)

@@ -145,7 +145,14 @@ def each_fn(all_rewards):
 
 
 def test_registry_and_api(all_rewards):
-  assert rewards.names() == ("aesthetic", "clip", "hpsv2", "pickscore")
+  assert rewards.names() == (
+    "aesthetic",
+    "clip",
+    "digits_rule",
+    "hpsv2",
+    "pickscore",
+    "python",
+  )
   r = all_rewards
   assert r.names == ("hpsv2", "pickscore", "clip", "aesthetic")
   assert r.weights == (1.0, 0.5, -2.0, 0.25)

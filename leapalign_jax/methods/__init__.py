@@ -6,7 +6,14 @@ methods' math and their config defaults; it sees a model only as the
 ``Problem``'s velocity and reward functions (never a model family).
 """
 
-from leapalign_jax.methods import draft, drtune, full_bp, leapalign, refl
+from leapalign_jax.methods import (
+  draft,
+  drtune,
+  full_bp,
+  grpo_step,
+  leapalign,
+  refl,
+)
 from leapalign_jax.methods.base import (
   REFERENCE_NUM_STEPS,
   Method,
@@ -22,6 +29,11 @@ _REGISTRY: dict[str, Method] = {
   "draft_k": draft.METHOD_K,
   "drtune": drtune.METHOD,
   "full_backprop": full_bp.METHOD,
+  # The policy-gradient family (methods/grpo.py, methods/grpo_step.py).
+  **{
+    name: Method(None, grpo_step.sample_choice(name), grpo_step.make_step(name))
+    for name in ("flow_grpo", "dance_grpo", "mix_grpo")
+  },
 }
 
 

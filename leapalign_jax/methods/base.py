@@ -61,10 +61,17 @@ class Problem(NamedTuple):
 
 
 class Method(NamedTuple):
-  """A registered method: the jitted-side loss/grad and the host sampler."""
+  """A registered method: the jitted-side loss/grad and the host sampler.
 
-  loss_and_grad: LossAndGrad
+  ``make_step`` (optional) replaces the whole train step for methods that
+  take several optimizer updates per rollout (the GRPO family,
+  ``methods.grpo_step``): ``(config, fns, tx, sigmas) -> step``; their
+  ``loss_and_grad`` is None.
+  """
+
+  loss_and_grad: LossAndGrad | None
   sample_choice: SampleChoice
+  make_step: Callable[..., Callable] | None = None
 
 
 def scale_steps(n_ref: int, num_steps: int) -> int:

@@ -34,4 +34,27 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.full_bp = ml_collections.ConfigDict(
     {"truncation": "none", "mean_k": 4.0, "std_k": 2.0}  # "none" | "random"
   )
+  # The GRPO family (methods/grpo.py); None: the method's own default
+  # (grpo.VARIANTS: SDE form, noise scale, last step, step selection).
+  cfg.grpo = ml_collections.ConfigDict(
+    {
+      "group_size": 4,  # G images per prompt (references: 12 / 24)
+      "same_noise": True,  # one initial noise per group (DanceGRPO)
+      "sde": config_dict.placeholder(str),  # "flow_grpo" | "dance_grpo"
+      "noise_level": config_dict.placeholder(float),  # a or η
+      "ignore_last": config_dict.placeholder(bool),  # never train step T-1
+      "select": config_dict.placeholder(str),  # "first"|"random"|"window"
+      "timestep_fraction": 0.6,  # share of steps trained ("first"/"random")
+      "num_updates": 1,  # optimizer updates per rollout (minibatches)
+      "clip_range": 1e-4,  # PPO ε
+      "adv_clip_max": 5.0,
+      "std_eps": 1e-8,  # advantage denominator floor
+      "std_ddof": 1,  # 1: torch's unbiased std (Dance/Mix); 0: Flow-GRPO
+      "kl_beta": 0.0,  # KL to the reference (LoRA off); needs LoRA
+      "window_size": 4,  # MixGRPO: SDE/trained steps per iteration
+      "window_interval": 25,  # iterations before the window moves
+      "window_stride": 1,  # steps it moves by
+      "window_roll_back": True,  # back to step 0 past T - 2
+    }
+  )
   return cfg

@@ -22,6 +22,10 @@ one under another name (e.g. two ``clip`` rewards):
   cosine, or the raw cosine with ``scale="cosine"`` (``clip_score``).
 - ``clip``: the CLIP score of any CLIP: cosine, logit or clipscore
   (``clip_score``).
+- ``digits_rule``: the digits world's rule-based reward, without gradient
+  (``digits_rule``; GenEval's role): a classifier's argmax checked against
+  the prompt's digit, colour and position.
+- ``python``: a host-side numpy scorer, without gradient (``nondiff``).
 - ``aesthetic``: the LAION aesthetic head on the unit OpenAI CLIP ViT-L/14
   image embedding; reads no text (``aesthetic``).
 
@@ -65,7 +69,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from leapalign_jax.errors import UserError
-from leapalign_jax.rewards import aesthetic, clip_score, text
+from leapalign_jax.rewards import (
+  aesthetic,
+  clip_score,
+  digits_rule,
+  nondiff,
+  text,
+)
 from leapalign_jax.rewards.base import Loaded, Reward, check_images
 
 __all__ = ["Reward", "build", "check_images", "get", "names", "text"]
@@ -73,8 +83,10 @@ __all__ = ["Reward", "build", "check_images", "get", "names", "text"]
 _BUILDERS = {
   "aesthetic": aesthetic.build,
   "clip": clip_score.build_clip,
+  "digits_rule": digits_rule.build,  # the digits world's rule: no gradient
   "hpsv2": clip_score.build_hpsv2,
   "pickscore": clip_score.build_pickscore,
+  "python": nondiff.build_python,  # a host scorer: no gradient
 }
 # The tokenizer each reward was trained with, declared beside its scorer.
 TOKENIZERS = text.TOKENIZERS
@@ -114,6 +126,14 @@ def _load(
 
 
 def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
+  for name, (_, e) in entries.items():
+    src = e.ids_from
+    if src and (src not in entries or not entries[src][1].tokenizer):
+      raise UserError(
+        f"rewards.{name} reads the prompt ids of reward {src!r}, which is "
+        f"not a configured text-reading reward ({', '.join(entries)}); add "
+        "it (weight 0 keeps it out of the objective)"
+      )
   lengths = [e.text_length for _, e in entries.values() if e.text_length]
   return Reward(
     names=tuple(entries),
@@ -122,6 +142,8 @@ def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
     fns={n: e.fn for n, (_, e) in entries.items()},
     text_length=min(lengths) if lengths else 0,
     tokenizers={n: e.tokenizer for n, (_, e) in entries.items() if e.tokenizer},
+    differentiable={n: e.differentiable for n, (_, e) in entries.items()},
+    ids_of={n: e.ids_from for n, (_, e) in entries.items() if e.ids_from},
   )
 
 

@@ -34,6 +34,8 @@ class Loaded:
   fn: ScoreFn
   text_length: int  # 0: the reward reads no text
   tokenizer: str = ""  # its style (``rewards.text``); "" reads no text
+  differentiable: bool = True  # False: values only (``rewards.nondiff``)
+  ids_from: str = ""  # reads another reward's prompt ids ("" = its own)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,6 +62,11 @@ class Reward:
   fns: Mapping[str, ScoreFn]
   text_length: int
   tokenizers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # {name: False} for rewards without a gradient (absent: differentiable).
+  differentiable: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+  # {name: other name}: a reward that reads another's prompt ids (e.g. the
+  # digits world's rule reward reads the CLIP reward's ids).
+  ids_of: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def score_each(
     self, params, images_BHWC: jax.Array, ids_BL: jax.Array | None
@@ -94,7 +101,7 @@ class Reward:
         f"reward images must be [B, H, W, 3] (NHWC); got {images_BHWC.shape}"
       )
     if isinstance(ids_BL, Mapping):
-      ids_BL = ids_BL.get(name)
+      ids_BL = ids_BL.get(self.ids_of.get(name, name))
     r_B = self.fns[name](params[name], images_BHWC, ids_BL)
     return r_B.astype(jnp.float32)
 

@@ -36,8 +36,10 @@ VENDORED = "vendored-openai-bpe"
 TOKENIZERS = {
   "aesthetic": None,
   "clip": "checkpoint",
+  "digits_rule": None,  # reads another reward's ids (its ``ids`` option)
   "hpsv2": "openclip",
   "pickscore": "hf",
+  "python": None,  # host scorers (rewards.nondiff) read no prompt ids
 }
 
 

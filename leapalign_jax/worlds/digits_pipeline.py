@@ -16,6 +16,9 @@ code and saved as a real checkpoint in the layout users' files come in:
   transformer/  the base Flux, trained with the rectified-flow objective.
   reward_clip/  a tiny CLIP trained contrastively: the ``clip`` reward.
   evaluator.npz the held-out evaluator (GenEval's role; never a reward).
+  rule.npz    the rule-based reward's classifier (``digits_rule``: GenEval's
+              role in *training*, no gradient; another model than the
+              evaluator, see ``digits_rule.py``).
 
 Each stage is skipped when its output exists, and outputs are written
 atomically, so an interrupted preparation resumes at the unfinished stage.
@@ -47,6 +50,7 @@ from leapalign_jax.errors import ConfigError
 from leapalign_jax.worlds import (
   digits,
   digits_eval,
+  digits_rule,
   digits_stages,
   digits_train,
   random_world,
@@ -55,6 +59,7 @@ from leapalign_jax.worlds import (
 _LOG = logging.getLogger(__name__)
 
 WORLD = "world"
+RULE = "rule.npz"  # the digits_rule reward's classifier
 
 # Every world option with its default (configs/digits.py documents them).
 DEFAULTS: dict[str, Any] = {
@@ -267,6 +272,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     vae=os.path.join(folder, "vae"),
     flux=os.path.join(folder, "transformer"),
     reward=os.path.join(folder, "reward_clip"),
+    rule=os.path.join(folder, RULE),
   )
   c = random_world.point_config(config, paths)
   c.world_options.dir = folder
@@ -316,6 +322,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
         evaluator_path,
         lambda: digits_eval.fit(seed, world).save(evaluator_path),
       )
+      _stage(
+        folder,
+        "rule",
+        paths["rule"],
+        lambda: rule_stage(world, seed + 4, reward_ids, records, paths["rule"]),
+      )
     except BaseException:
       stop.set()
       raise
@@ -353,6 +365,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   side.result()  # the side thread's error, if any
   c.lock()
   return c
+
+
+def rule_stage(world, seed: int, reward_ids, records, out: str) -> dict:
+  """Fits and saves the rule reward's classifier (``rule.npz``).
+
+  Its summary: the argmax accuracy per attribute on clean renders of the
+  test split's digits (writers it never saw).
+  """
+  classifier = digits_rule.fit(world, seed, reward_ids, records)
+  test = digits.sample_batch(world, 1000, [seed, 43], split="test")
+  ps = test.prompt_set
+  labels = np.stack([ps.digit, ps.colour, ps.position], -1)
+  acc = digits_rule.accuracy(classifier, test.images, labels)
+  classifier.save(out)
+  return {f"test_{k}_acc": v for k, v in acc.items()}
 
 
 def evaluator_scorer(

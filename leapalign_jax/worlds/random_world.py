@@ -266,8 +266,14 @@ def point_config(config, paths: dict[str, str]) -> ml_collections.ConfigDict:
   c.text.clip_path = paths["clip_text"]
   c.text.t5_path = paths["t5"]
   c.text.t5_tokenizer = paths["t5_tokenizer"]
-  for name in c.rewards:
-    c.rewards[name].path = paths["reward"]
+  for entry in c.rewards.values():
+    # A world's rule reward (``digits_rule``) reads its own file; every
+    # other reward is the world's CLIP.
+    if entry.get("kind") == "digits_rule":
+      if "rule" in paths:
+        entry.path = paths["rule"]
+    else:
+      entry.path = paths["reward"]
   return c
 
 
