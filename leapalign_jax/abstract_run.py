@@ -135,3 +135,39 @@ def build(config: ml_collections.ConfigDict, mesh) -> AbstractRun:
     geometry=geo,
     lora_paths=lora_paths,
   )
+
+
+def random_arrays(tree, seed: int = 0, std: float = 0.02):
+  """Device arrays of the shapes, dtypes and shardings in ``tree``.
+
+  For timing and memory checks at full size without checkpoints
+  (``bench/accelerator.py``): kernels and embeddings are normal with
+  ``std``, norm scales ones, biases and LoRA ``B`` factors zeros (so the
+  adapted model starts at its base, as ``add_lora`` does), integer leaves
+  zeros. One jitted program creates the whole tree already placed.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [jax.tree_util.keystr(path) for path, _ in leaves]
+  structs = [leaf for _, leaf in leaves]
+
+  def make(key):
+    out = []
+    for i, (path, s) in enumerate(zip(paths, structs)):
+      name = path.lower()
+      dtype = jnp.dtype(s.dtype)
+      if not jnp.issubdtype(dtype, jnp.floating):
+        out.append(jnp.zeros(s.shape, dtype))
+      elif "scale" in name:
+        out.append(jnp.ones(s.shape, dtype))
+      elif "bias" in name or "lora_b" in name:
+        out.append(jnp.zeros(s.shape, dtype))
+      else:
+        k = jax.random.fold_in(key, i)
+        x = std * jax.random.normal(k, s.shape, jnp.float32)
+        out.append(x.astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  shardings = jax.tree_util.tree_unflatten(
+    treedef, [getattr(s, "sharding", None) for s in structs]
+  )
+  return jax.jit(make, out_shardings=shardings)(jax.random.key(seed))

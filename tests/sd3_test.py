@@ -234,7 +234,7 @@ def test_tables_cover_the_model_exactly():
     c = sd3.VARIANTS[name]
     with nnx.use_eager_sharding(False):
       model = nnx.eval_shape(lambda c=c: sd3.SD3(c, rngs=nnx.Rngs(0)))
-    from leapalign_jax.convert import sd3 as conv
+    from leapalign_jax.convert import sd3_keys as conv
     from leapalign_jax.convert.loading import flat_params
 
     ours = set(flat_params(nnx.state(model, nnx.Param)))
