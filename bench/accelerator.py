@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     if prog.error:
       fwd.append({**rec, "error": prog.error})
       continue
-    params = arrays.get(main_setup.run.frozen)["flux"]
+    params = arrays.get(main_setup.run.frozen)["model"]
     inputs = arrays.get(fargs, seed=5)
     r = timed(
       lambda c=prog.compiled, i=inputs, p=params: c(p, *i),
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
     inputs = arrays.get(fargs_base, seed=6)
     parts_rec["forward_base"] = timed(
       lambda: prog_base.compiled(
-        arrays.get(main_setup.run.frozen)["flux"], *inputs
+        arrays.get(main_setup.run.frozen)["model"], *inputs
       ),
       1,
       mode.repeats,

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from leapalign_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -111,3 +113,15 @@ class Family:
   export_lora: Callable[..., list[str]]
   export_merged: Callable[..., list[str]]
   calls_per_velocity: Callable[[Any], int] = lambda guidance: 1
+
+
+def variant_config(config, section: str, variants: Mapping, runtime):
+  """A variant's architecture with its config section's runtime options."""
+  s = config[section]
+  if s.variant not in variants:
+    raise ConfigError(
+      f"config.{section}.variant={s.variant!r}: building the model without "
+      f"its weights needs the architecture; set it to one of "
+      f"{sorted(variants)}"
+    )
+  return dataclasses.replace(variants[s.variant], **{k: s[k] for k in runtime})

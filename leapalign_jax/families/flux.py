@@ -10,7 +10,6 @@ folder (``convert.flux``) and export to either, adapters as PEFT files.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import numpy as np
 
 from leapalign_jax import data, flops, sampling
 from leapalign_jax.errors import ConfigError
+from leapalign_jax.families import base
 from leapalign_jax.families.base import Family, Geometry
 from leapalign_jax.models import flux as flux_model
 
@@ -29,16 +29,7 @@ _RUNTIME = ("dtype", "param_dtype", "remat", "attention", "scan_layers")
 
 def model_config(config) -> flux_model.FluxConfig:
   """``config.flux.variant`` 's architecture with the section's options."""
-  f = config.flux
-  if f.variant not in flux_model.VARIANTS:
-    raise ConfigError(
-      f"config.flux.variant={f.variant!r}: building the model without its "
-      f"weights needs the architecture; set it to one of "
-      f"{sorted(flux_model.VARIANTS)}"
-    )
-  return dataclasses.replace(
-    flux_model.VARIANTS[f.variant], **{k: f[k] for k in _RUNTIME}
-  )
+  return base.variant_config(config, "flux", flux_model.VARIANTS, _RUNTIME)
 
 
 def build(model_cfg, rngs):

@@ -28,7 +28,6 @@ reference fine-tunes the guided prediction. The schedule is diffusers'
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -36,6 +35,7 @@ import numpy as np
 
 from leapalign_jax import data, flops
 from leapalign_jax.errors import ConfigError
+from leapalign_jax.families import base
 from leapalign_jax.families.base import Family, Geometry
 from leapalign_jax.models import sd3 as sd3_model
 
@@ -57,16 +57,7 @@ SD3_TARGETS = (
 
 def model_config(config) -> sd3_model.SD3Config:
   """``config.sd3.variant`` 's architecture with the section's options."""
-  s = config.sd3
-  if s.variant not in sd3_model.VARIANTS:
-    raise ConfigError(
-      f"config.sd3.variant={s.variant!r}: building the model without its "
-      f"weights needs the architecture; set it to one of "
-      f"{sorted(sd3_model.VARIANTS)}"
-    )
-  return dataclasses.replace(
-    sd3_model.VARIANTS[s.variant], **{k: s[k] for k in _RUNTIME}
-  )
+  return base.variant_config(config, "sd3", sd3_model.VARIANTS, _RUNTIME)
 
 
 def build(model_cfg, rngs):
