@@ -137,12 +137,17 @@ def run_one(config_path, world, out, name, seed, steps, points=1):
   """
   workdir = os.path.join(out, "runs", f"{slug(name)}_s{seed}")
   done = os.path.join(workdir, "record.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
   stops = sorted(
     {max(1, round(steps * (i + 1) / points)) for i in range(points)}
   )
+  if os.path.exists(done):
+    with open(done) as f:
+      record = json.load(f)
+    # Reused only if it ran these stops (an earlier, shorter benchmark in
+    # the same folder must not stand for this one): else run it afresh.
+    if [p["step"] for p in record.get("points", [])] == stops:
+      return record
+    os.remove(done)
   evals = []
   started = time.perf_counter()
   for stop in stops:
