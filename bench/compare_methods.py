@@ -333,11 +333,21 @@ def plot(records, names, path):
   plt.close(fig)
 
 
-def plot_points(base, records, names, path, header):
+def _x(point, key, name, figures):
+  """A stop's x value: images, or seconds (idle step time if measured)."""
+  if key == "train_s" and figures and name in figures:
+    return point["step"] * figures[name]["step_s"]
+  return point[key]
+
+
+def plot_points(base, records, names, path, header, figures=None):
   """Held-out accuracy and rewards vs training seconds and images.
 
   One line per variant: the mean over seeds at each evaluation stop (the
-  base model at 0), error bars = std over seeds.
+  base model at 0), error bars = std over seeds. With ``figures`` (the
+  compiled steps timed one after another on the idle machine) the time
+  axis is iterations x that step time, so runs that shared the machine
+  with others still compare; without, the runs' own logged step times.
   """
   import matplotlib
 
@@ -358,7 +368,12 @@ def plot_points(base, records, names, path, header):
         [[base[m]] + [p["after"][m] for p in r["points"][:n]] for r in rs]
       )
       for col, key in enumerate(("train_s", "images")):
-        xs = np.array([[0.0] + [p[key] for p in r["points"][:n]] for r in rs])
+        xs = np.array(
+          [
+            [0.0] + [_x(p, key, name, figures) for p in r["points"][:n]]
+            for r in rs
+          ]
+        )
         style = "--" if name.endswith(" rule") else "-"
         axes[row, col].errorbar(
           xs.mean(0),
@@ -371,7 +386,11 @@ def plot_points(base, records, names, path, header):
         )
   for row, m in enumerate(metrics_):
     axes[row, 0].set_ylabel(f"held-out {m}")
-    axes[row, 0].set_xlabel("training wall-clock s (no compile, no eval)")
+    axes[row, 0].set_xlabel(
+      "iterations x idle compiled step s"
+      if figures
+      else "training wall-clock s (no compile, no eval)"
+    )
     axes[row, 1].set_xlabel("images generated")
   axes[0, 1].legend(fontsize=7)
   fig.suptitle(header, fontsize=8)
@@ -465,6 +484,7 @@ def main(argv=None):
       names,
       os.path.join(out, f"{args.name}_accuracy_vs_time.png"),
       header,
+      figures,
     )
   return 0
 
