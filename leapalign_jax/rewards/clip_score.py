@@ -65,8 +65,11 @@ CROPS = ("floor", "round")
 # Options every CLIP-family reward accepts (a reward adds its own defaults).
 _COMMON = {
   "path": "",
-  # Architecture (a ``models.clip.VARIANTS`` name) for abstract builds
-  # (``aot``: shapes only, no checkpoint); loading reads it from the file.
+  # The architecture: a ``models.clip.VARIANTS`` or OpenCLIP model name
+  # ("ViT-H-14"), or an OpenCLIP model-config dict. Abstract builds
+  # (``aot``) use it; a load uses it when the file has no config.json
+  # (OpenCLIP state dicts record no head counts), checked against the
+  # weights. "": the file's config.json or a known size, else refused.
   "variant": "",
   "dtype": "float32",  # compute dtype of the towers
   "param_dtype": None,  # storage dtype; None: ``dtype``
@@ -115,20 +118,17 @@ def abstract_clip_model(name: str, opts: dict[str, Any], towers):
   from leapalign_jax.models import clip
 
   variant = opts["variant"]
-  if variant not in clip.VARIANTS:
+  if not variant:
     raise ValueError(
-      f"rewards.{name}.variant={variant!r}: an abstract build needs one of "
-      f"{sorted(clip.VARIANTS)}"
+      f"rewards.{name}.variant is empty: an abstract build needs one of "
+      f"{sorted(clip.VARIANTS)} or an OpenCLIP model-config dict"
     )
-  config = clip.VARIANTS[variant].with_towers(towers)
-  act = opts["hidden_act"]
-  if act:
-    config = dataclasses.replace(
-      config,
-      text=config.text and dataclasses.replace(config.text, hidden_act=act),
-      vision=config.vision
-      and dataclasses.replace(config.vision, hidden_act=act),
-    )
+  try:
+    config = convert_clip.architecture(variant).with_towers(towers)
+  except ConversionError as e:
+    raise ConversionError(f"rewards.{name}.variant: {e}") from None
+  if opts["hidden_act"]:
+    config = config.with_activation(opts["hidden_act"])
   config = dataclasses.replace(
     config,
     dtype=opts["dtype"],
@@ -155,6 +155,7 @@ def load_clip_model(
     return convert_clip.load_clip(
       path,
       towers=towers,
+      variant=opts["variant"] or None,
       hidden_act=opts["hidden_act"],
       dtype=dtype,
       param_dtype=opts["param_dtype"] or dtype,
