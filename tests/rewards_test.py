@@ -192,6 +192,29 @@ def test_each_reward_reads_its_own_ids(all_rewards, each_fn, files):
   assert oc.tokenizers == {"oc": "openclip"}  # an OpenCLIP-layout file
 
 
+def test_embeddings_give_the_scores(all_rewards, each_fn):
+  """``embed``: unit embeddings whose dot product is the score."""
+  r, x, ids = all_rewards, make_images(), make_ids()
+  each = each_fn(r.params, x, ids)
+  dots = {}
+  for name in ("hpsv2", "pickscore", "clip"):
+    img, txt = jax.jit(r.embed, static_argnums=0)(name, r.params, x, ids)
+    assert img.shape == txt.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1, rtol=1e-6)
+    dots[name] = np.sum(np.asarray(img) * np.asarray(txt), axis=-1)
+  np.testing.assert_allclose(dots["hpsv2"], each["hpsv2"], rtol=1e-6)
+  scale = np.exp(np.asarray(r.params["pickscore"]["logit_scale"][...]))
+  np.testing.assert_allclose(
+    scale * dots["pickscore"], each["pickscore"], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    100 * np.maximum(dots["clip"], 0), each["clip"], rtol=1e-5, atol=1e-5
+  )
+  one_line_error(
+    lambda: r.embed("aesthetic", r.params, x, ids), "gives no embeddings"
+  )
+
+
 def test_gradients_reach_the_images_not_the_params(all_rewards):
   r, x, ids = all_rewards, jnp.asarray(make_images()), jnp.asarray(make_ids())
   for name in r.names:

@@ -3,6 +3,7 @@
   reward = rewards.build(config.rewards)   # name -> {weight, path, ...}
   r_B = reward.score(reward.params, images_BHWC, ids_BL)   # weighted sum
   each = reward.score_each(reward.params, images_BHWC, ids_BL)  # {name: r_B}
+  img_BP, txt_BP = reward.embed("hpsv2", reward.params, images_BHWC, ids_BL)
 
 Images are decoded generator outputs in [-1, 1], NHWC, any size (clipped to
 [-1, 1] inside, as the references clamp; ``check_images`` is the host-side
@@ -144,6 +145,7 @@ def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
     tokenizers={n: e.tokenizer for n, (_, e) in entries.items() if e.tokenizer},
     differentiable={n: e.differentiable for n, (_, e) in entries.items()},
     ids_of={n: e.ids_from for n, (_, e) in entries.items() if e.ids_from},
+    embed_fns={n: e.embed for n, (_, e) in entries.items() if e.embed},
   )
 
 

@@ -93,11 +93,6 @@ _HINTS = {
 }
 
 
-def cosine_B(img_BP: jnp.ndarray, txt_BP: jnp.ndarray) -> jnp.ndarray:
-  """Row-wise cosine of image and text features (float32)."""
-  return jnp.sum(base.unit(img_BP) * base.unit(txt_BP), axis=-1)
-
-
 def apply_scale(cos_B: jnp.ndarray, scale: str, logit_scale) -> jnp.ndarray:
   """Maps cosines to the configured scale (see the module docstring)."""
   if scale == "cosine":
@@ -231,16 +226,29 @@ def _build(
     )
   graphdef, state = nnx.split(model)
 
-  def score(params, images_BHWC, ids_BL):
+  def embed(params, images_BHWC, ids_BL):
+    """Unit image and text embeddings ``[B, P]`` (float32)."""
     if ids_BL is None:
       raise ValueError(f"reward {name!r} ({kind}) needs the prompt's ids")
     clip = nnx.merge(graphdef, base.frozen(params))
-    img_BP = clip.image_features(prep(images_BHWC))
-    txt_BP = clip.text_features(ids_BL)
-    logit_scale = None if scale != "logit" else clip.logit_scale[...]
-    return apply_scale(cosine_B(img_BP, txt_BP), scale, logit_scale)
+    img_BP = base.unit(clip.image_features(prep(images_BHWC)))
+    return img_BP, base.unit(clip.text_features(ids_BL))
 
-  return base.Loaded(state, score, config.text.max_position_embeddings, style)
+  def score(params, images_BHWC, ids_BL):
+    img_BP, txt_BP = embed(params, images_BHWC, ids_BL)
+    logit_scale = None
+    if scale == "logit":
+      clip = nnx.merge(graphdef, base.frozen(params))
+      logit_scale = clip.logit_scale[...]
+    return apply_scale(jnp.sum(img_BP * txt_BP, axis=-1), scale, logit_scale)
+
+  return base.Loaded(
+    state,
+    score,
+    config.text.max_position_embeddings,
+    style,
+    embed=embed,
+  )
 
 
 def _layout(path: str) -> str:
