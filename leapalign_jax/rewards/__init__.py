@@ -31,7 +31,9 @@ one under another name (e.g. two ``clip`` rewards):
   image embedding; reads no text (``aesthetic``).
 
 Options per entry: ``weight`` (default 1; 0 = evaluation only), ``kind``,
-``path``, ``dtype`` / ``param_dtype`` (tower compute / storage; storage
+``path``, ``variant`` (the architecture of a file that does not record it,
+e.g. an OpenCLIP state dict of a size other than L/H/g/bigG-14; see
+``clip_score``), ``dtype`` / ``param_dtype`` (tower compute / storage; storage
 defaults to ``dtype``, the logit scale stays fp32), ``remat``,
 ``scan_layers``, ``attention``, ``hidden_act``, ``resample`` / ``saturate``
 / ``crop`` (preprocessing, see ``preprocess``), ``scale`` and ``tokenizer``
