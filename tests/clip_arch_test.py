@@ -7,6 +7,8 @@ any other size is refused unless the caller names its architecture.
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -133,3 +135,21 @@ def test_abstract_builds_take_openclip_names():
   shapes = {x.shape for x in jax.tree.leaves(r.params["hpsv2"])}
   assert (48, 1664, 3, 16, 104) in shapes  # vision qkv: 16 heads of 104
   assert (32, 1280, 3, 20, 64) in shapes  # text qkv: 20 heads of 64
+
+
+def test_convert_command_takes_the_variant(tmp_path):
+  tiny = clip.VARIANTS["tiny"]
+  oc = str(tmp_path / "oc.safetensors")
+  export_clip(random_model(tiny), oc, layout="openclip")
+  argv = [sys.executable, "-m", "leapalign_jax.convert", "clip", "--src", oc]
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  run = lambda *a: subprocess.run(  # noqa: E731
+    [*argv, *a], capture_output=True, text=True, env=env
+  )
+  r = run("--dst", str(tmp_path / "no"))
+  assert r.returncode == 2 and "--variant" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+  r = run("--dst", str(tmp_path / "hf"), "--variant", "tiny")
+  assert r.returncode == 0, r.stderr
+  config, _ = load_clip(str(tmp_path / "hf"))
+  assert config.text == tiny.text and config.vision == tiny.vision

@@ -146,7 +146,7 @@ _KNOWN = ("vit-l-14", "vit-h-14", "vit-g-14", "vit-bigg-14")
 _FIX = (
   "name the architecture: config= or variant= (a models.clip.VARIANTS or "
   "OpenCLIP model name such as 'ViT-bigG-14', an OpenCLIP model-config dict, "
-  "or a CLIPConfig; rewards: the reward's variant option)"
+  "or a CLIPConfig; a reward's variant option; convert clip --variant)"
 )
 
 
