@@ -168,6 +168,38 @@ def restore_latest(
   return state, meta
 
 
+def restore_step(
+  checkpointer: Checkpointer, step: int, abstract_state: Any
+) -> tuple[Any, dict]:
+  """``(state, meta)`` of the checkpoint at ``step`` (a reader's restore).
+
+  Raises:
+    UserError: no checkpoint at ``step`` (the message lists the saved
+      steps), or it cannot be restored.
+  """
+  require_step(checkpointer, step)
+  try:
+    with _quiet_if_failed():
+      return checkpointer.restore(step, abstract_state)
+  except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
+    raise errors.UserError(
+      f"checkpoint {os.path.join(checkpointer.directory, str(step))} cannot "
+      f"be restored ({type(e).__name__}: {errors.one_line(e)[:200]}); was it "
+      "written by this workdir's config.json?"
+    ) from None
+
+
+def require_step(checkpointer: Checkpointer, step: int) -> None:
+  """Raises (one line, listing the saved steps) unless ``step`` is saved."""
+  steps = checkpointer.all_steps()
+  if step not in steps:
+    raise errors.UserError(
+      f"{checkpointer.directory}: no checkpoint at step {step}; saved steps: "
+      f"{sorted(steps) or 'none'} (older ones are deleted: "
+      "train.keep_checkpoints)"
+    )
+
+
 def resume(checkpointer: Checkpointer, state: Any) -> tuple[Any, dict]:
   """``(state, meta)`` of the latest checkpoint, or ``state`` and step 0.
 

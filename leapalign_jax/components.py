@@ -229,6 +229,37 @@ def _load_model(config, family: Family, mesh):
   return model_cfg, graphdef, params, frozen, lora_paths
 
 
+@dataclasses.dataclass
+class ModelParts:
+  """The flow model of a run alone (exports): no VAE, rewards or caches."""
+
+  config: ml_collections.ConfigDict
+  family: Family
+  model_config: Any
+  graphdef: Any
+  params: Any  # trainable params (sharded)
+  frozen: dict[str, Any]  # {model}: the LoRA base, or None
+  lora_paths: tuple[str, ...] = ()
+
+  def model(self, params):
+    """The flow model with ``params`` (and the frozen LoRA base)."""
+    frozen = self.frozen["model"]
+    return nnx.merge(
+      self.graphdef, *((params,) if frozen is None else (params, frozen))
+    )
+
+
+def load_model(config: ml_collections.ConfigDict, mesh) -> ModelParts:
+  """The run's flow model (with its adapters, if any), placed on ``mesh``."""
+  family = families.of(config)
+  model_cfg, graphdef, params, frozen, lora_paths = _load_model(
+    config, family, mesh
+  )
+  return ModelParts(
+    config, family, model_cfg, graphdef, params, {"model": frozen}, lora_paths
+  )
+
+
 def load(config: ml_collections.ConfigDict, mesh) -> Components:
   """Loads every model and cache the run needs (see module doc)."""
   from leapalign_jax import rewards

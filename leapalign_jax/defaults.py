@@ -173,6 +173,8 @@ def base() -> ml_collections.ConfigDict:
     {
       "enabled": True,
       "layout": "diffusers",  # full weights: "diffusers" folder or "bfl" file
+      # Full and fused weights; the LoRA file keeps the adapters' own
+      # (training) precision.
       "dtype": "bfloat16",
       # LoRA runs always write a diffusers/PEFT LoRA file; True also writes
       # the adapters fused into full weights (in `layout`).

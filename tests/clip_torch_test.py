@@ -11,6 +11,7 @@ to freeze ResNet BatchNorms) is stubbed for the duration of that import.
 """
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -289,6 +290,10 @@ def open_clip_modules():
       "torchvision.ops": types.ModuleType("torchvision.ops"),
       "torchvision.ops.misc": misc,
     }
+    for stub_name, stub in stubs.items():
+      # importlib.util.find_spec (run by libraries imported meanwhile)
+      # raises on a module without a spec.
+      stub.__spec__ = importlib.machinery.ModuleSpec(stub_name, None)
   saved = {k: sys.modules.get(k) for k in stubs}
   sys.modules.update(stubs)
   try:

@@ -68,6 +68,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
       "embed_prompts",
       "staging.__main__",
       "convert.__main__",
+      "export.__main__",
     ),
   ),
   ("entry", ("main",)),

@@ -26,8 +26,11 @@ from leapalign_jax.convert import (
 )
 from leapalign_jax.convert import lora as lora_convert
 from leapalign_jax.convert.safetensors_io import TensorSource
+from leapalign_jax.convert.sd3 import export_sd3
 from leapalign_jax.families import flux as flux_family
+from leapalign_jax.families import sd3 as sd3_family
 from leapalign_jax.models import lora as lora_lib
+from leapalign_jax.models import sd3
 from leapalign_jax.models.flux import Flux, FluxConfig
 
 CFG = FluxConfig(
@@ -75,10 +78,12 @@ def read_folder(folder):
 def files(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("lora")
   model, paths = make_lora_model()
-  # The base (adapters ignored), the adapters, our fused export, and the
-  # reference fused weights: merge_lora on a copy, then export_flux.
-  export_flux(model, str(tmp / "base"), layout="diffusers")
-  export_flux(model, str(tmp / "base.safetensors"), layout="bfl")
+  # The base (the Param state without the adapters), the adapters, our
+  # fused export, and the reference fused weights: merge_lora on a copy,
+  # then export_flux.
+  _, _, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  export_flux(base, str(tmp / "base"), layout="diffusers", config=CFG)
+  export_flux(base, str(tmp / "base.safetensors"), layout="bfl", config=CFG)
   lora_convert.export_flux_lora(model, str(tmp / "lora"))
   lora_convert.export_flux_merged(model, str(tmp / "fused"))
   merged = nnx.clone(model)
@@ -167,6 +172,22 @@ def test_dtype_is_applied(files, tmp_path):
   )
   src = TensorSource.from_files([path])
   assert {str(src.infos[k].dtype) for k in src} == {"bfloat16"}
+
+
+def test_full_export_of_an_adapted_model_is_refused(files, tmp_path):
+  """export_flux would write the base weights alone: it names the two ways."""
+  for model in (files.model, nnx.state(files.model, nnx.Param)):
+    with pytest.raises(ConversionError) as e:
+      export_flux(model, str(tmp_path / "x"), config=CFG)
+    msg = str(e.value)
+    assert "\n" not in msg and "LoRA adapters" in msg
+    assert "export_flux_lora" in msg and "export_flux_merged" in msg
+  model = sd3.SD3(sd3.VARIANTS["tiny"], rngs=nnx.Rngs(0))
+  lora_lib.add_lora(model, sd3_family.SD3_TARGETS, 2, 2.0, rngs=nnx.Rngs(1))
+  with pytest.raises(ConversionError, match="export_sd3_lora") as e:
+    export_sd3(model, str(tmp_path / "sd3"))
+  assert "export_sd3_merged" in str(e.value) and "\n" not in str(e.value)
+  assert not os.listdir(tmp_path)
 
 
 def test_errors(files, tmp_path):
@@ -384,10 +405,9 @@ def test_export_run_lora(files, tmp_path):
   want = read(str(files.tmp / "lora" / lora_convert.LORA_WEIGHT_NAME))
   got = read(str(lora_file))
   assert got.keys() == want.keys()
-  for k in want:  # bf16 export of the same tensors
-    np.testing.assert_allclose(
-      got[k].astype(np.float32), want[k], rtol=1e-2, atol=1e-2
-    )
+  for k in want:  # the adapters' own fp32, whatever export.dtype (bf16)
+    assert got[k].dtype == np.float32
+    np.testing.assert_array_equal(got[k], want[k])
   info = json.loads((tmp_path / "lora_info.json").read_text())
   assert info["base_model"] == "/ckpt/flux1-dev" and info["rank"] == 4
   assert info["adapted_modules"] == list(files.paths)

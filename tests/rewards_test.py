@@ -30,8 +30,8 @@ from leapalign_jax.models import aesthetic as aesthetic_model
 from leapalign_jax.models import clip
 from leapalign_jax.rewards import preprocess as pp
 
-# Widths are multiples of 64 so that OpenCLIP files (which do not record head
-# counts) load without a config, as HPSv2.1's ViT-H-14 does.
+# OpenCLIP files do not record head counts: the rewards that read this tiny
+# model's OpenCLIP file name it with their ``variant`` option (TINY).
 TEXT = clip.CLIPTextConfig(
   vocab_size=128,
   hidden_size=64,
@@ -124,7 +124,7 @@ def all_rewards(files):
   """Every registered reward in one bundle, with distinct weights."""
   return rewards.build(
     {
-      "hpsv2": {"weight": 1.0, "path": files["openclip"]},
+      "hpsv2": {"weight": 1.0, "path": files["openclip"], "variant": TINY},
       "pickscore": {"weight": 0.5, "path": files["hf"]},
       "clip": {"weight": -2.0, "path": files["hf"], "scale": "clipscore"},
       "aesthetic": {
@@ -188,8 +188,31 @@ def test_each_reward_reads_its_own_ids(all_rewards, each_fn, files):
   total = np.asarray(jax.jit(r.score)(r.params, x, ids))
   want = sum(w * got[n] for n, w in zip(r.names, r.weights))
   np.testing.assert_allclose(total, want, rtol=1e-6, atol=1e-6)
-  oc = rewards.get("oc", kind="clip", path=files["openclip"])
+  oc = rewards.get("oc", kind="clip", path=files["openclip"], variant=TINY)
   assert oc.tokenizers == {"oc": "openclip"}  # an OpenCLIP-layout file
+
+
+def test_embeddings_give_the_scores(all_rewards, each_fn):
+  """``embed``: unit embeddings whose dot product is the score."""
+  r, x, ids = all_rewards, make_images(), make_ids()
+  each = each_fn(r.params, x, ids)
+  dots = {}
+  for name in ("hpsv2", "pickscore", "clip"):
+    img, txt = jax.jit(r.embed, static_argnums=0)(name, r.params, x, ids)
+    assert img.shape == txt.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1, rtol=1e-6)
+    dots[name] = np.sum(np.asarray(img) * np.asarray(txt), axis=-1)
+  np.testing.assert_allclose(dots["hpsv2"], each["hpsv2"], rtol=1e-6)
+  scale = np.exp(np.asarray(r.params["pickscore"]["logit_scale"][...]))
+  np.testing.assert_allclose(
+    scale * dots["pickscore"], each["pickscore"], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    100 * np.maximum(dots["clip"], 0), each["clip"], rtol=1e-5, atol=1e-5
+  )
+  one_line_error(
+    lambda: r.embed("aesthetic", r.params, x, ids), "gives no embeddings"
+  )
 
 
 def test_gradients_reach_the_images_not_the_params(all_rewards):
@@ -478,24 +501,32 @@ def test_pickscore_and_clip_match_transformers(tmp_path, eos):
   assert rel_err(got, want["cosine"]) <= 1e-5
 
 
+# The tiny model as an OpenCLIP model config (exact GELU, as HPSv2.1's
+# ViT-H-14); the reward reads the same dict as its ``variant``.
+HPS_CONFIG = dict(
+  embed_dim=32,
+  vision_cfg=dict(
+    layers=2, width=128, head_width=64, patch_size=4, image_size=16
+  ),
+  text_cfg=dict(context_length=16, vocab_size=128, width=64, heads=1, layers=2),
+  quick_gelu=False,
+)
+
+
 @pytest.fixture(scope="module")
 def open_clip_hps(tmp_path_factory):
   """A tiny open_clip ``CLIP`` (exact GELU, as HPSv2.1's ViT-H-14)."""
   import torch
-  from clip_test import open_clip_modules
+  from clip_torch_test import open_clip_modules
   from safetensors.torch import save_file as torch_save_file
 
   oc = open_clip_modules()
   torch.manual_seed(0)
   model = oc.CLIP(
     embed_dim=32,
-    vision_cfg=oc.CLIPVisionCfg(
-      layers=2, width=128, head_width=64, patch_size=4, image_size=16
-    ),
-    text_cfg=oc.CLIPTextCfg(
-      context_length=16, vocab_size=128, width=64, heads=1, layers=2
-    ),
-    quick_gelu=False,
+    vision_cfg=oc.CLIPVisionCfg(**HPS_CONFIG["vision_cfg"]),
+    text_cfg=oc.CLIPTextCfg(**HPS_CONFIG["text_cfg"]),
+    quick_gelu=HPS_CONFIG["quick_gelu"],
   )
   model = torch_randomize(model)
   tmp = tmp_path_factory.mktemp("hps")
@@ -517,7 +548,7 @@ def test_hpsv2_matches_open_clip(open_clip_hps, fmt):
     # HPSv2: model(image, text) normalises both; score = diag(img @ txt.T).
     img, txt, _ = model(nchw(pixels), torch.from_numpy(ids).long())
     want = torch.diagonal(img @ txt.T).numpy()
-  r = rewards.get("hpsv2", path=str(tmp / fmt))
+  r = rewards.get("hpsv2", path=str(tmp / fmt), variant=HPS_CONFIG)
   got = np.asarray(jax.jit(r.score)(r.params, x, make_ids(pad=EOS)))
   assert rel_err(got, want) <= 1e-5
 

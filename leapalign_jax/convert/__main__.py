@@ -5,7 +5,8 @@
   python -m leapalign_jax.convert vae --src <file|dir> --dst <path> \
       [--layout bfl|diffusers] [--dtype bfloat16] [--norm-groups 32]
   python -m leapalign_jax.convert clip --src <file|dir> --dst <path> \
-      [--layout hf|openclip] [--dtype bfloat16] [--towers text,vision]
+      [--layout hf|openclip] [--dtype bfloat16] [--towers text,vision] \
+      [--variant ViT-bigG-14] [--hidden-act gelu|quick_gelu]
   python -m leapalign_jax.convert t5 --src <file|dir> --dst <dir> \
       [--dtype bfloat16]
   python -m leapalign_jax.convert aesthetic --src <head.pth> \
@@ -58,7 +59,13 @@ def _clip(args) -> list[str]:
 
   towers = tuple(args.towers.split(",")) if args.towers else None
   return convert_clip(
-    args.src, args.dst, args.layout, args.dtype, towers=towers
+    args.src,
+    args.dst,
+    args.layout,
+    args.dtype,
+    towers=towers,
+    hidden_act=args.hidden_act,
+    variant=args.variant,
   )
 
 
@@ -131,6 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     "--towers",
     default=None,
     help="clip: comma-separated towers to convert (default: all present)",
+  )
+  parser.add_argument(
+    "--variant",
+    default=None,
+    help="clip: the architecture of an OpenCLIP file, which does not record "
+    "its head counts (a models.clip.VARIANTS or OpenCLIP model name, e.g. "
+    "ViT-bigG-14); needed for sizes that are no known model's",
+  )
+  parser.add_argument(
+    "--hidden-act",
+    default=None,
+    help="clip: the activation when the file does not say (gelu or "
+    "quick_gelu; OpenCLIP files default to gelu)",
   )
   args = parser.parse_args(argv)
   layouts = LAYOUTS[args.model]

@@ -11,10 +11,14 @@ Two layouts, whose key tables (``convert.clip_keys``) run both directions:
   ``visual.proj`` are stored ``[width, dim]`` (used as ``x @ proj``), i.e.
   already in our kernel layout.
 Sizes are read from the tensor shapes. What the weights do not record comes
-from ``config.json`` when there is one, else from the known models in
-``models.clip.VARIANTS``: head counts (else head dim 64), the activation
-(transformers default quick_gelu, OpenCLIP default exact GELU) and the
-pooling rule (argmax of the ids unless a config names another eos id).
+from ``config.json`` when there is one, else from ``variant=`` (the
+architecture a caller names, checked against the shapes), else from the
+released models in ``models.clip.VARIANTS`` whose sizes these are: head
+counts, the activation (transformers default quick_gelu, OpenCLIP default
+exact GELU) and the pooling rule (argmax of the ids unless a config names
+another eos id). Any other size is refused: head widths differ between
+models (64 for ViT-L, 80 for ViT-H, 88 for g, 104 for bigG), so a guessed
+head count would load without error and compute something else.
 """
 
 from __future__ import annotations
@@ -135,7 +139,15 @@ _ARCH = {
     "num_channels",
   ),
 }
-_KNOWN = ("vit-l-14", "vit-h-14")  # released models, not the test sizes
+# Released models, not the test sizes. A tower's (width, layers) fixes its
+# head count among these (g/14's text tower is H/14's).
+_KNOWN = ("vit-l-14", "vit-h-14", "vit-g-14", "vit-bigg-14")
+# Where a caller names the architecture (used in the refusal).
+_FIX = (
+  "name the architecture: config= or variant= (a models.clip.VARIANTS or "
+  "OpenCLIP model name such as 'ViT-bigG-14', an OpenCLIP model-config dict, "
+  "or a CLIPConfig; a reward's variant option; convert clip --variant)"
+)
 
 
 def _need(source, key: str) -> tuple[int, ...]:
@@ -203,13 +215,11 @@ def _known(kind: str, width: int, layers: int):
 def _heads(sizes: dict, kind: str, known, where: str) -> int:
   if known is not None:
     return known.num_attention_heads
-  width = sizes["hidden_size"]
-  if width % 64:
-    raise ConversionError(
-      f"{where}: cannot tell the {kind} tower's head count (width {width} is "
-      "not a known model's and not a multiple of 64); pass config="
-    )
-  return width // 64  # the head width of every OpenAI / OpenCLIP ViT-B/L
+  raise ConversionError(
+    f"{where}: the file does not record the {kind} tower's head count and "
+    f"its size (width {sizes['hidden_size']}, {sizes['num_hidden_layers']} "
+    f"layers) is no known model's; {_FIX}"
+  )
 
 
 def _hf_subconfig(cfg: dict, kind: str) -> dict:
@@ -257,7 +267,12 @@ def infer_config(
   )
 
 
-def check_matches(sizes: dict, wanted: CLIPConfig, where: str) -> None:
+def check_matches(
+  sizes: dict,
+  wanted: CLIPConfig,
+  where: str,
+  fix: str = "pick the matching config or omit config to auto-detect",
+) -> None:
   """Fails if the checkpoint lacks a wanted tower or its sizes differ."""
   diffs = []
   for kind in TOWERS:
@@ -280,7 +295,7 @@ def check_matches(sizes: dict, wanted: CLIPConfig, where: str) -> None:
     raise ConversionError(
       f"{where}: the weights do not fit the requested CLIP config: "
       + ", ".join(diffs[:5])
-      + "; pick the matching config or omit config to auto-detect"
+      + f"; {fix}"
     )
 
 
@@ -308,14 +323,34 @@ def select(source, layout: str, config: CLIPConfig):
 # Public entry points.
 
 
+def architecture(spec) -> CLIPConfig | None:
+  """A ``CLIPConfig`` from a name, an OpenCLIP model-config dict or itself.
+
+  Names are ``models.clip.VARIANTS`` keys, which include OpenCLIP's model
+  names (``"ViT-g-14"``, ``"ViT-bigG-14-quickgelu"``...); a dict holds an
+  OpenCLIP model config's fields (``models.clip_openclip``).
+  """
+  from leapalign_jax.convert.loading import resolve_variant
+  from leapalign_jax.models.clip_openclip import openclip_config
+
+  if spec is None or spec == "":
+    return None
+  if hasattr(spec, "to_dict"):  # an ml_collections entry
+    spec = spec.to_dict()
+  if isinstance(spec, dict):
+    try:
+      return openclip_config(spec)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConversionError(f"OpenCLIP model config: {e}") from None
+  return resolve_variant(spec, VARIANTS, "CLIP")
+
+
 def _resolve(
-  source, layout, cfg, config, towers, hidden_act, runtime
+  source, layout, cfg, config, towers, hidden_act, runtime, variant=None
 ) -> CLIPConfig:
   """The config to build: given or inferred, cut to ``towers``, checked."""
   where = source.description
-  from leapalign_jax.convert.loading import resolve_variant
-
-  config = resolve_variant(config, VARIANTS, "CLIP")
+  config, variant = architecture(config), architecture(variant)
   sizes = infer_sizes(source, layout)
   if towers is not None:
     towers = tuple(towers)
@@ -330,11 +365,25 @@ def _resolve(
         )
       if config is not None and getattr(config, kind) is None:
         raise ConversionError(f"towers= asks for {kind}, which config lacks")
+  fix = "pick the matching config or omit config to auto-detect"
+  if config is None and variant is not None and not cfg:
+    # No config.json: the named architecture supplies what the file lacks.
+    present = towers or tuple(k for k in TOWERS if k in sizes)
+    for kind in present:
+      if getattr(variant, kind) is None:
+        raise ConversionError(
+          f"{where}: has a {kind} tower, which variant= lacks; name a variant "
+          "with it or pass towers= the ones to load"
+        )
+    config = variant.with_towers(present)
+    if hidden_act:
+      config = config.with_activation(hidden_act)
+    fix = "name the variant these weights are, or a config"
   if config is None:
     config = infer_config(source, layout, cfg, hidden_act)
   if towers is not None:
     config = config.with_towers(towers)
-  check_matches(sizes, config, where)
+  check_matches(sizes, config, where, fix)
   return dataclasses.replace(config, **runtime)
 
 
@@ -342,7 +391,8 @@ def load_clip(
   path: str,
   *,
   towers: Sequence[str] | None = None,
-  config: CLIPConfig | str | None = None,
+  config: CLIPConfig | str | dict | None = None,
+  variant: CLIPConfig | str | dict | None = None,
   hidden_act: str | None = None,
   dtype: str = "float32",
   param_dtype: str | None = None,
@@ -358,11 +408,18 @@ def load_clip(
       ``weights_only=True``; needs torch), e.g. HPSv2.1's checkpoint.
     towers: which towers to build, e.g. ``("text",)``; default every tower
       in the file. Weights of other towers are skipped.
-    config: the expected architecture (a ``CLIPConfig`` or ``VARIANTS``
-      name); it also supplies head counts, activation and pooling rule.
-      Default: inferred (see the module docstring).
-    hidden_act: override the activation when inferring (``"gelu"`` or
-      ``"quick_gelu"``), e.g. for OpenAI weights in the OpenCLIP layout.
+    config: the expected architecture (see ``architecture``: a
+      ``CLIPConfig``, a ``VARIANTS`` or OpenCLIP model name, or an OpenCLIP
+      model-config dict); it also supplies head counts, activation and
+      pooling rule, over any ``config.json``. Default: inferred (see the
+      module docstring).
+    variant: like ``config``, but used only when the checkpoint has no
+      ``config.json`` (OpenCLIP files): the architecture of weights that do
+      not record their head counts, checked against their shapes. A
+      checkpoint of unknown size without either is refused.
+    hidden_act: override the activation when inferring or using
+      ``variant`` (``"gelu"`` or ``"quick_gelu"``), e.g. for OpenAI weights
+      in the OpenCLIP layout.
     dtype: compute dtype.
     param_dtype: storage dtype of the parameters (default: ``dtype``).
     sharding: None, a ``Sharding`` for every parameter, or a pytree of them.
@@ -378,7 +435,9 @@ def load_clip(
 
   source, layout, cfg = open_checkpoint(path)
   runtime = dict(runtime, dtype=dtype, param_dtype=param_dtype or dtype)
-  config = _resolve(source, layout, cfg, config, towers, hidden_act, runtime)
+  config = _resolve(
+    source, layout, cfg, config, towers, hidden_act, runtime, variant
+  )
   rules = RULES[layout](config)
   keymap.validate(
     rules,
@@ -508,12 +567,19 @@ def convert_clip(
   *,
   towers: Sequence[str] | None = None,
   hidden_act: str | None = None,
+  variant: CLIPConfig | str | dict | None = None,
 ) -> list[str]:
-  """Converts CLIP weights between layouts, one tensor at a time."""
+  """Converts CLIP weights between layouts, one tensor at a time.
+
+  ``variant``: as in ``load_clip``, for files that do not record their
+  architecture.
+  """
   if layout not in RULES:
     raise ConversionError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
   source, src_layout, cfg = open_checkpoint(src)
-  config = _resolve(source, src_layout, cfg, None, towers, hidden_act, {})
+  config = _resolve(
+    source, src_layout, cfg, None, towers, hidden_act, {}, variant
+  )
   if layout == "hf":
     hf_config_dict(config)
   rules = RULES[src_layout](config)

@@ -289,6 +289,9 @@ def export_flux(
 ) -> list[str]:
   """Writes a Flux model (or its Param state) for PyTorch tools.
 
+  A model with LoRA adapters is refused: ``export_flux_lora`` writes the
+  adapters, ``export_flux_merged`` the fused weights.
+
   Args:
     model: a ``Flux`` module, or its Param state / pure dict with ``config``.
     path: for ``bfl``, the ``.safetensors`` file to write (a folder gets
@@ -301,12 +304,18 @@ def export_flux(
   Returns:
     The paths written.
   """
-  from leapalign_jax.convert.loading import export_tensors
+  from leapalign_jax.convert.loading import export_tensors, refuse_adapters
 
   if layout not in RULES:
     raise ConversionError(
       f"unknown layout {layout!r}; use 'bfl' or 'diffusers'"
     )
+  refuse_adapters(
+    model,
+    "export_flux",
+    "export_flux_lora (the adapters, a diffusers/PEFT LoRA file) or "
+    "export_flux_merged (full weights with the adapters fused in)",
+  )
   config = config or getattr(model, "config", None)
   if config is None:
     raise ConversionError("export_flux needs config= when given bare params")

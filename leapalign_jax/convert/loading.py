@@ -21,6 +21,28 @@ def flat_params(tree) -> dict[Path, Any]:
   return traverse_util.flatten_dict(tree)
 
 
+def refuse_adapters(params, what: str, instead: str) -> None:
+  """Raises if ``params`` hold LoRA adapters, which a full export would drop.
+
+  The key tables map base weights only, so an adapted model would otherwise
+  be written as its base without a word.
+  """
+  adapted = sorted(
+    {
+      "/".join(map(str, p[:-1]))
+      for p in flat_params(params)
+      if p[-1] == "lora_a"
+    }
+  )
+  if adapted:
+    from leapalign_jax.convert.errors import ConversionError
+
+    raise ConversionError(
+      f"{what}: the model carries LoRA adapters ({len(adapted)} modules, e.g. "
+      f"{adapted[0]}) that base weights would leave out; use {instead}"
+    )
+
+
 def abstract_model(ctor: Callable[[], nnx.Module]):
   """``(graphdef, abstract Param state)`` of ``ctor()`` without allocating."""
   model = nnx.eval_shape(ctor)

@@ -345,6 +345,9 @@ def export_sd3(
 ) -> list[str]:
   """Writes an SD3 model (or its Param state) for PyTorch tools.
 
+  A model with LoRA adapters is refused: ``export_sd3_lora`` writes the
+  adapters, ``export_sd3_merged`` the fused weights.
+
   Args:
     model: an ``SD3`` module, or its Param state / pure dict with ``config``.
     path: ``diffusers``: the ``transformer/`` folder (``config.json`` +
@@ -354,8 +357,14 @@ def export_sd3(
     config: required when ``model`` is not a module.
     dtype: output dtype (default: the parameters' own).
   """
-  from leapalign_jax.convert.loading import write_checkpoint
+  from leapalign_jax.convert.loading import refuse_adapters, write_checkpoint
 
+  refuse_adapters(
+    model,
+    "export_sd3",
+    "export_sd3_lora (the adapters, a diffusers/PEFT LoRA file) or "
+    "export_sd3_merged (full weights with the adapters fused in)",
+  )
   config = config or getattr(model, "config", None)
   if config is None:
     raise ConversionError("export_sd3 needs config= when given bare params")

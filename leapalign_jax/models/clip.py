@@ -151,6 +151,14 @@ class CLIPConfig:
       vision=self.vision if "vision" in towers else None,
     )
 
+  def with_activation(self, act: str) -> CLIPConfig:
+    """This config with ``act`` in every tower (e.g. ``"quick_gelu"``)."""
+    return dataclasses.replace(
+      self,
+      text=self.text and dataclasses.replace(self.text, hidden_act=act),
+      vision=self.vision and dataclasses.replace(self.vision, hidden_act=act),
+    )
+
 
 _L14_TEXT = CLIPTextConfig()
 _L14_VISION = CLIPVisionConfig()
@@ -169,6 +177,31 @@ _H14_VISION = CLIPVisionConfig(
   hidden_act="gelu",
 )
 
+# OpenCLIP's g/14 and bigG/14 (open_clip model_configs ViT-g-14.json and
+# ViT-bigG-14.json): their vision heads are 88 and 104 wide, not 64, so the
+# head counts cannot be guessed from the widths.
+_G14_VISION = CLIPVisionConfig(
+  hidden_size=1408,
+  intermediate_size=6144,
+  num_hidden_layers=40,
+  num_attention_heads=16,
+  hidden_act="gelu",
+)
+_BIGG14_VISION = CLIPVisionConfig(
+  hidden_size=1664,
+  intermediate_size=8192,
+  num_hidden_layers=48,
+  num_attention_heads=16,
+  hidden_act="gelu",
+)
+_BIGG14_TEXT = CLIPTextConfig(
+  hidden_size=1280,
+  intermediate_size=5120,
+  num_hidden_layers=32,
+  num_attention_heads=20,
+  hidden_act="gelu",
+)
+
 VARIANTS: dict[str, CLIPConfig] = {
   # openai/clip-vit-large-patch14 (both towers; the LAION aesthetic head).
   "vit-l-14": CLIPConfig(_L14_TEXT, _L14_VISION, 768),
@@ -177,20 +210,12 @@ VARIANTS: dict[str, CLIPConfig] = {
   # SD3's text_encoder / text_encoder_2: CLIP-L and OpenCLIP bigG-14 text
   # towers with their projections (CLIPTextModelWithProjection).
   "sd3-clip-l": CLIPConfig(_L14_TEXT, None, 768),
-  "sd3-clip-g": CLIPConfig(
-    CLIPTextConfig(
-      hidden_size=1280,
-      intermediate_size=5120,
-      num_hidden_layers=32,
-      num_attention_heads=20,
-      hidden_act="gelu",
-    ),
-    None,
-    1280,
-  ),
+  "sd3-clip-g": CLIPConfig(_BIGG14_TEXT, None, 1280),
   # OpenCLIP / laion ViT-H-14: HPSv2.1 (OpenCLIP layout) and PickScore
   # (transformers layout). Exact GELU.
   "vit-h-14": CLIPConfig(_H14_TEXT, _H14_VISION, 1024),
+  "vit-g-14": CLIPConfig(_H14_TEXT, _G14_VISION, 1024),
+  "vit-bigg-14": CLIPConfig(_BIGG14_TEXT, _BIGG14_VISION, 1280),
   "tiny": CLIPConfig(
     CLIPTextConfig(
       vocab_size=128,
@@ -211,6 +236,22 @@ VARIANTS: dict[str, CLIPConfig] = {
     16,
   ),
 }
+
+
+# OpenCLIP's model config names, with OpenCLIP's activations: exact GELU
+# unless the name ends in -quickgelu. Note "ViT-L-14" (laion, GELU) is not
+# our "vit-l-14" (OpenAI, quick_gelu), which OpenCLIP calls
+# "ViT-L-14-quickgelu".
+_OPENCLIP = {
+  "ViT-L-14": VARIANTS["vit-l-14"].with_activation("gelu"),
+  "ViT-H-14": VARIANTS["vit-h-14"],
+  "ViT-g-14": VARIANTS["vit-g-14"],
+  "ViT-bigG-14": VARIANTS["vit-bigg-14"],
+}
+for _name, _config in tuple(_OPENCLIP.items()):
+  if _name != "ViT-g-14":  # open_clip has no ViT-g-14-quickgelu
+    _OPENCLIP[_name + "-quickgelu"] = _config.with_activation("quick_gelu")
+VARIANTS.update(_OPENCLIP)
 
 
 def causal_attention(

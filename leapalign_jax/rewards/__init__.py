@@ -3,6 +3,7 @@
   reward = rewards.build(config.rewards)   # name -> {weight, path, ...}
   r_B = reward.score(reward.params, images_BHWC, ids_BL)   # weighted sum
   each = reward.score_each(reward.params, images_BHWC, ids_BL)  # {name: r_B}
+  img_BP, txt_BP = reward.embed("hpsv2", reward.params, images_BHWC, ids_BL)
 
 Images are decoded generator outputs in [-1, 1], NHWC, any size (clipped to
 [-1, 1] inside, as the references clamp; ``check_images`` is the host-side
@@ -30,7 +31,9 @@ one under another name (e.g. two ``clip`` rewards):
   image embedding; reads no text (``aesthetic``).
 
 Options per entry: ``weight`` (default 1; 0 = evaluation only), ``kind``,
-``path``, ``dtype`` / ``param_dtype`` (tower compute / storage; storage
+``path``, ``variant`` (the architecture of a file that does not record it,
+e.g. an OpenCLIP state dict of a size other than L/H/g/bigG-14; see
+``clip_score``), ``dtype`` / ``param_dtype`` (tower compute / storage; storage
 defaults to ``dtype``, the logit scale stays fp32), ``remat``,
 ``scan_layers``, ``attention``, ``hidden_act``, ``resample`` / ``saturate``
 / ``crop`` (preprocessing, see ``preprocess``), ``scale`` and ``tokenizer``
@@ -144,6 +147,7 @@ def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
     tokenizers={n: e.tokenizer for n, (_, e) in entries.items() if e.tokenizer},
     differentiable={n: e.differentiable for n, (_, e) in entries.items()},
     ids_of={n: e.ids_from for n, (_, e) in entries.items() if e.ids_from},
+    embed_fns={n: e.embed for n, (_, e) in entries.items() if e.embed},
   )
 
 

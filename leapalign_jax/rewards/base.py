@@ -36,6 +36,9 @@ class Loaded:
   tokenizer: str = ""  # its style (``rewards.text``); "" reads no text
   differentiable: bool = True  # False: values only (``rewards.nondiff``)
   ids_from: str = ""  # reads another reward's prompt ids ("" = its own)
+  # (params, images, ids) -> (image_BP, text_BP) unit embeddings, for the
+  # rewards that are a similarity of two embeddings (the CLIP family).
+  embed: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,6 +70,26 @@ class Reward:
   # {name: other name}: a reward that reads another's prompt ids (e.g. the
   # digits world's rule reward reads the CLIP reward's ids).
   ids_of: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # {name: embed fn} of the rewards that give embeddings (``embed``).
+  embed_fns: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+
+  def embed(
+    self, name: str, params, images_BHWC: jax.Array, ids_BL
+  ) -> tuple[jax.Array, jax.Array]:
+    """Reward ``name``'s unit image and text embeddings ``([B, P], [B, P])``.
+
+    The same preprocessing, tokens and towers as its score, which is their
+    row-wise dot product (times ``exp(logit_scale)`` for ``scale="logit"``).
+    Arguments as ``score_each``; jit-able and differentiable.
+    """
+    if name not in self.embed_fns:
+      raise UserError(
+        f"reward {name!r} gives no embeddings; the CLIP-family rewards do "
+        f"(here: {', '.join(self.embed_fns) or 'none'})"
+      )
+    if isinstance(ids_BL, Mapping):
+      ids_BL = ids_BL.get(self.ids_of.get(name, name))
+    return self.embed_fns[name](params[name], images_BHWC, ids_BL)
 
   def score_each(
     self, params, images_BHWC: jax.Array, ids_BL: jax.Array | None

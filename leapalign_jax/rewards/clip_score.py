@@ -65,8 +65,11 @@ CROPS = ("floor", "round")
 # Options every CLIP-family reward accepts (a reward adds its own defaults).
 _COMMON = {
   "path": "",
-  # Architecture (a ``models.clip.VARIANTS`` name) for abstract builds
-  # (``aot``: shapes only, no checkpoint); loading reads it from the file.
+  # The architecture: a ``models.clip.VARIANTS`` or OpenCLIP model name
+  # ("ViT-H-14"), or an OpenCLIP model-config dict. Abstract builds
+  # (``aot``) use it; a load uses it when the file has no config.json
+  # (OpenCLIP state dicts record no head counts), checked against the
+  # weights. "": the file's config.json or a known size, else refused.
   "variant": "",
   "dtype": "float32",  # compute dtype of the towers
   "param_dtype": None,  # storage dtype; None: ``dtype``
@@ -90,11 +93,6 @@ _HINTS = {
 }
 
 
-def cosine_B(img_BP: jnp.ndarray, txt_BP: jnp.ndarray) -> jnp.ndarray:
-  """Row-wise cosine of image and text features (float32)."""
-  return jnp.sum(base.unit(img_BP) * base.unit(txt_BP), axis=-1)
-
-
 def apply_scale(cos_B: jnp.ndarray, scale: str, logit_scale) -> jnp.ndarray:
   """Maps cosines to the configured scale (see the module docstring)."""
   if scale == "cosine":
@@ -115,20 +113,17 @@ def abstract_clip_model(name: str, opts: dict[str, Any], towers):
   from leapalign_jax.models import clip
 
   variant = opts["variant"]
-  if variant not in clip.VARIANTS:
+  if not variant:
     raise ValueError(
-      f"rewards.{name}.variant={variant!r}: an abstract build needs one of "
-      f"{sorted(clip.VARIANTS)}"
+      f"rewards.{name}.variant is empty: an abstract build needs one of "
+      f"{sorted(clip.VARIANTS)} or an OpenCLIP model-config dict"
     )
-  config = clip.VARIANTS[variant].with_towers(towers)
-  act = opts["hidden_act"]
-  if act:
-    config = dataclasses.replace(
-      config,
-      text=config.text and dataclasses.replace(config.text, hidden_act=act),
-      vision=config.vision
-      and dataclasses.replace(config.vision, hidden_act=act),
-    )
+  try:
+    config = convert_clip.architecture(variant).with_towers(towers)
+  except ConversionError as e:
+    raise ConversionError(f"rewards.{name}.variant: {e}") from None
+  if opts["hidden_act"]:
+    config = config.with_activation(opts["hidden_act"])
   config = dataclasses.replace(
     config,
     dtype=opts["dtype"],
@@ -155,6 +150,7 @@ def load_clip_model(
     return convert_clip.load_clip(
       path,
       towers=towers,
+      variant=opts["variant"] or None,
       hidden_act=opts["hidden_act"],
       dtype=dtype,
       param_dtype=opts["param_dtype"] or dtype,
@@ -230,16 +226,29 @@ def _build(
     )
   graphdef, state = nnx.split(model)
 
-  def score(params, images_BHWC, ids_BL):
+  def embed(params, images_BHWC, ids_BL):
+    """Unit image and text embeddings ``[B, P]`` (float32)."""
     if ids_BL is None:
       raise ValueError(f"reward {name!r} ({kind}) needs the prompt's ids")
     clip = nnx.merge(graphdef, base.frozen(params))
-    img_BP = clip.image_features(prep(images_BHWC))
-    txt_BP = clip.text_features(ids_BL)
-    logit_scale = None if scale != "logit" else clip.logit_scale[...]
-    return apply_scale(cosine_B(img_BP, txt_BP), scale, logit_scale)
+    img_BP = base.unit(clip.image_features(prep(images_BHWC)))
+    return img_BP, base.unit(clip.text_features(ids_BL))
 
-  return base.Loaded(state, score, config.text.max_position_embeddings, style)
+  def score(params, images_BHWC, ids_BL):
+    img_BP, txt_BP = embed(params, images_BHWC, ids_BL)
+    logit_scale = None
+    if scale == "logit":
+      clip = nnx.merge(graphdef, base.frozen(params))
+      logit_scale = clip.logit_scale[...]
+    return apply_scale(jnp.sum(img_BP * txt_BP, axis=-1), scale, logit_scale)
+
+  return base.Loaded(
+    state,
+    score,
+    config.text.max_position_embeddings,
+    style,
+    embed=embed,
+  )
 
 
 def _layout(path: str) -> str:

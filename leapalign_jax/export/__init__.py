@@ -1,4 +1,4 @@
-"""End-of-run export of the EMA weights for PyTorch tools.
+"""Export of a run's EMA weights for PyTorch tools (end of run, or later).
 
 LoRA runs write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys,
 loaded by ``FluxPipeline.load_lora_weights(folder)`` and ComfyUI) plus
@@ -6,6 +6,12 @@ loaded by ``FluxPipeline.load_lora_weights(folder)`` and ComfyUI) plus
 write the fused weights. Full fine-tunes write a diffusers ``transformer/``
 folder or, for ``export.layout="bfl"``, one BFL file. Every process takes part
 in gathering arrays that span hosts; only process 0 writes.
+
+The LoRA file keeps the adapters' training precision (``lora.param_dtype``,
+fp32 by default): it is small, and rounding the scaled ``lora_B`` to bf16
+would move every update by up to 0.4%. ``export.dtype`` applies to full and
+fused weights. ``python -m leapalign_jax.export`` re-exports any checkpoint
+of a workdir (``export.workdir``).
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from flax import nnx
 
 from leapalign_jax import families, fileio
 from leapalign_jax.convert.safetensors_io import read_header, write_json_atomic
+from leapalign_jax.errors import UserError
 
 LORA_INFO = "lora_info.json"
+# What an export writes: the LoRA file (+ info), fused weights, full weights.
+PARTS = ("lora", "merged", "full")
 
 _LOG = logging.getLogger(__name__)
 
@@ -57,7 +66,40 @@ def gather_to_host(tree: Any, *, dtype: Any = None, keep: bool = True) -> Any:
   return jax.tree.map(gather, tree)
 
 
-def export_run(comps, ema_params: Any, folder: str) -> list[str]:
+def default_parts(comps) -> tuple[str, ...]:
+  """What the run's config exports: its LoRA file (+ fused), or full weights."""
+  if not comps.lora_paths:
+    return ("full",)
+  merged = comps.config.export.get("lora_merged", False)
+  return ("lora", "merged") if merged else ("lora",)
+
+
+def _check_parts(comps, parts) -> tuple[str, ...]:
+  parts = tuple(parts)
+  if not parts or set(parts) - set(PARTS):
+    raise UserError(f"export parts {parts}: use a non-empty subset of {PARTS}")
+  if comps.lora_paths and "full" in parts:
+    raise UserError(
+      "a LoRA run has no full weights of its own: export its adapters "
+      "(lora) or the adapters fused into the base (merged)"
+    )
+  if not comps.lora_paths and set(parts) & {"lora", "merged"}:
+    raise UserError(
+      "this run trained every weight (lora.enabled=False): it has no "
+      "adapters; export its full weights"
+    )
+  return parts
+
+
+def export_run(
+  comps,
+  ema_params: Any,
+  folder: str,
+  *,
+  parts=None,
+  layout: str | None = None,
+  dtype: str | None = None,
+) -> list[str]:
   """Writes a run's EMA weights under ``folder``; returns the paths written.
 
   The folder is built aside and swapped in whole (``fileio.publish_dir``:
@@ -70,40 +112,50 @@ def export_run(comps, ema_params: Any, folder: str) -> list[str]:
       ``frozen``, ``lora_paths``, ``model(params)``).
     ema_params: the trainable EMA params (LoRA adapters, or every weight).
     folder: the export folder (created).
+    parts: a subset of ``PARTS``; default ``default_parts(comps)``.
+    layout: of full / fused weights (default ``export.layout``).
+    dtype: of every file written (default: ``export.dtype`` for full and
+      fused weights, the adapters' own for the LoRA file).
 
   Returns:
     The paths written (empty on processes other than 0).
   """
   cfg = comps.config.export
+  parts = _check_parts(comps, parts or default_parts(comps))
+  layout = layout or cfg.layout
+  full_dtype = dtype or cfg.dtype
   writer = jax.process_index() == 0
   frozen = None
   if not comps.lora_paths:
-    params = gather_to_host(ema_params, dtype=cfg.dtype, keep=writer)
+    params = gather_to_host(ema_params, dtype=full_dtype, keep=writer)
   else:
     # Adapters are small; the frozen base is only read for a fused export.
     params = gather_to_host(ema_params, keep=writer)
     frozen = comps.frozen["model"]
-    if cfg.get("lora_merged", False):
-      frozen = gather_to_host(frozen, dtype=cfg.dtype, keep=writer)
+    if "merged" in parts:
+      frozen = gather_to_host(frozen, dtype=full_dtype, keep=writer)
   if not writer:
     return []
   with fileio.publish_dir(folder) as tmp:
-    written = _write(comps, params, frozen, tmp)
+    written = _write(comps, params, frozen, tmp, parts, layout, dtype)
   written = [fileio.join(folder, os.path.relpath(p, tmp)) for p in written]
   _LOG.info("exported %s", ", ".join(written))
   return written
 
 
-def _write(comps, params: Any, frozen: Any, folder: str) -> list[str]:
+def _write(comps, params, frozen, folder, parts, layout, dtype) -> list[str]:
   """The export files of ``export_run`` (process 0), under ``folder``."""
-  cfg, family = comps.config.export, comps.family
+  family = comps.family
+  full_dtype = dtype or comps.config.export.dtype
   if not comps.lora_paths:
-    return family.export(comps.model(params), folder, cfg.layout, cfg.dtype)
+    return family.export(comps.model(params), folder, layout, full_dtype)
   model = nnx.merge(comps.graphdef, params, frozen)
-  written = family.export_lora(model, folder, cfg.dtype)
-  written += _write_info(comps, folder, written[0])
-  if cfg.get("lora_merged", False):
-    written += family.export_merged(model, folder, cfg.layout, cfg.dtype)
+  written = []
+  if "lora" in parts:
+    written += family.export_lora(model, folder, dtype)
+    written += _write_info(comps, folder, written[0])
+  if "merged" in parts:
+    written += family.export_merged(model, folder, layout, full_dtype)
   return written
 
 
@@ -111,6 +163,7 @@ def _write_info(comps, folder: str, lora_file: str) -> list[str]:
   """``lora_info.json`` and a README saying what the LoRA file holds."""
   config = comps.config
   infos, _ = read_header(lora_file)
+  dtypes = sorted({str(i.dtype) for i in infos.values()})
   ranks = Counter(
     i.shape[0] for k, i in infos.items() if k.endswith(".lora_A.weight")
   )
@@ -123,7 +176,7 @@ def _write_info(comps, folder: str, lora_file: str) -> list[str]:
     "torch_modules_by_rank": {str(r): n for r, n in sorted(ranks.items())},
     "format": "diffusers/PEFT (transformer.<module>.lora_A/lora_B.weight)",
     "scale": "alpha/rank folded into lora_B; no alpha keys (scale 1)",
-    "dtype": config.export.dtype or "as trained",
+    "dtype": ", ".join(dtypes),
   }
   info_path = os.path.join(folder, LORA_INFO)
   write_json_atomic(info_path, info)
