@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from leapalign_jax import errors, evaluation, fileio, sharding, worlds
+from leapalign_jax import errors, evaluation, fileio, metrics, sharding, worlds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--tag", default="eval")
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
+  metrics.log_to_stderr()  # progress lines
   return errors.run_command(lambda: _evaluate_workdir(args))
 
 

@@ -16,9 +16,11 @@ uploaded whole with it (``fileio``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -253,6 +255,20 @@ class StepTimer:
       out = {"perf/step_s": dt, "perf/images_per_s": self.global_batch / dt}
     self.last = now
     return out
+
+
+def log_to_stderr() -> None:
+  """The package's INFO lines on stderr as ``[leapalign] <message>``.
+
+  Commands call it; the launchers grep ``[leapalign] progress:``.
+  """
+  ours = logging.getLogger("leapalign_jax")
+  if not ours.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[leapalign] %(message)s"))
+    ours.addHandler(handler)
+  ours.setLevel(logging.INFO)
+  ours.propagate = False
 
 
 def _duration(seconds: float) -> str:

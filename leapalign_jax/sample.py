@@ -9,7 +9,8 @@
 Every prompt is sampled with every seed (the seed alone names an image's
 noise: ``leapalign_jax.generation``). The command writes one PNG per image
 (``prompt<i>_seed<s>.png``), a ``samples.jsonl`` naming each (prompt, seed,
-size, steps, guidance), and ``grid.png`` for several; ``--save-npy`` adds the
+size, steps, guidance), and ``grid.png`` for several (each image captioned
+with its prompt and seed); ``--save-npy`` adds the
 float images (``.npy``, [0, 1]) and ``--save-latents`` the denoised latents
 (``.latent.npy``). ``--checkpoint`` samples with the EMA weights of a
 training workdir.
@@ -24,7 +25,7 @@ import sys
 
 import numpy as np
 
-from leapalign_jax import errors, images
+from leapalign_jax import errors, images, metrics
 from leapalign_jax.generation import Sampler, Samples
 
 
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   args = _parser().parse_args(argv)
+  metrics.log_to_stderr()  # progress lines
   paths = []
   status = errors.run_command(lambda: paths.extend(run(args)))
   for p in paths:
@@ -150,9 +152,9 @@ def _write(folder, pairs, out: Samples, settings, save_npy: bool) -> list[str]:
   if len(pairs) > 1:
     cols = len({s for _, _, s in pairs})
     grid = out.images * 2.0 - 1.0
-    written.append(
-      images.save_grid(grid, os.path.join(folder, "grid.png"), cols=cols)
-    )
+    captions = [p if s is None else f"{p}\nseed {s}" for _, p, s in pairs]
+    path = os.path.join(folder, "grid.png")
+    written.append(images.save_captioned_grid(grid, captions, path, cols))
   return written
 
 
