@@ -14,6 +14,14 @@ with its prompt and seed); ``--save-npy`` adds the
 float images (``.npy``, [0, 1]) and ``--save-latents`` the denoised latents
 (``.latent.npy``). ``--checkpoint`` samples with the EMA weights of a
 training workdir.
+
+  python -m leapalign_jax.sample --config configs/<run>.py \
+      --geneval evaluation_metadata.jsonl --out <dir> [--images-per-prompt 4] \
+      [--seed 0] [--checkpoint <workdir>]
+
+writes GenEval's layout (``<dir>/00000/metadata.jsonl``,
+``<dir>/00000/samples/00000.png``, ...; ``leapalign_jax.geneval``), which
+GenEval's ``evaluation/evaluate_images.py <dir>`` scores unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +40,20 @@ from leapalign_jax.generation import Sampler, Samples
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m leapalign_jax.sample")
   p.add_argument("--config", required=True)
-  p.add_argument("--prompt", action="append", required=True)
+  p.add_argument("--prompt", action="append")
+  p.add_argument(
+    "--geneval",
+    metavar="METADATA",
+    help="GenEval's evaluation_metadata.jsonl: sample its prompts into the "
+    "layout its evaluator reads (--out/<00000>/samples/<00000>.png); "
+    "replaces --prompt",
+  )
+  p.add_argument(
+    "--images-per-prompt",
+    type=int,
+    default=4,
+    help="with --geneval: images per prompt (default 4, GenEval's)",
+  )
   p.add_argument(
     "--seed",
     type=int,
@@ -89,6 +110,10 @@ def run(args) -> list[str]:
   from leapalign_jax import configs_io
 
   config = configs_io.load_config(args.config, args.overrides)
+  if bool(args.prompt) == bool(args.geneval):
+    raise errors.UserError("give --prompt (repeatable) or --geneval METADATA")
+  if args.geneval:
+    return _geneval(config, args)
   if args.latents and args.seed:
     raise errors.UserError("--latents replaces --seed; give one of them")
   latents = _read_latents(args.latents) if args.latents else None
@@ -120,6 +145,36 @@ def run(args) -> list[str]:
     ),
   }
   return _write(args.out, pairs, out, settings, args.save_npy)
+
+
+def _geneval(config, args) -> list[str]:
+  """``--geneval``: GenEval's folder layout (``leapalign_jax.geneval``)."""
+  from leapalign_jax import geneval
+
+  if args.latents or args.save_npy or args.save_latents:
+    raise errors.UserError(
+      "--geneval writes PNGs from seeds only; drop --latents, --save-npy "
+      "and --save-latents"
+    )
+  if args.seed and len(args.seed) > 1:
+    raise errors.UserError(
+      "--geneval takes one --seed (the first image's; image j of prompt i "
+      "gets seed + i * images_per_prompt + j)"
+    )
+  metadata = geneval.read_metadata(args.geneval)
+  sampler = Sampler(config, args.checkpoint)
+  geneval.write(
+    sampler,
+    metadata,
+    args.out,
+    images_per_prompt=args.images_per_prompt,
+    seed=(args.seed or [0])[0],
+    height=args.height,
+    width=args.width,
+    num_steps=args.num_steps,
+    guidance=args.guidance,
+  )
+  return [args.out]
 
 
 def _read_latents(path: str) -> np.ndarray:

@@ -58,7 +58,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
   ),
   ("families", ("families", "defaults")),
   ("assembly", ("components", "abstract_run")),
-  ("services", ("evaluation", "generation", "export", "worlds")),
+  (
+    "services",
+    ("evaluation", "eval_table", "geneval", "generation", "export", "worlds"),
+  ),
   (
     "commands",
     (
