@@ -242,7 +242,8 @@ class Evaluator:
     """Per-image verdicts: `accuracy` 's keys as [N] arrays, plus `verdict`.
 
     `verdict` is one short line per image for image captions: "ok" or
-    "no", then what the evaluator saw (e.g. "no: saw 3 red left").
+    "no", then what the evaluator saw (e.g. "no: saw 3 red left"), or
+    "no: no digit found".
     """
     pred = self.predict(images)
     want = digits.record_ids(self.config, records)
@@ -252,7 +253,7 @@ class Evaluator:
     out["found"] = pred["found"].astype(np.float64)
     out["stray"] = pred["stray"]
     names = {
-      "digit": digits.DIGIT_WORDS,
+      "digit": [str(d) for d in range(digits.NUM_DIGITS)],  # short: "7"
       "colour": self.config.colours,
       "position": self.config.positions,
     }
