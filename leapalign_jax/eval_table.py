@@ -143,10 +143,8 @@ def table(
         "checkpoint": name,
         "source": spec,
         "num_images": s["num_images"],
-        **{
-          k: {"mean": s[k], "std": s.get(f"{k}_std", float("nan"))}
-          for k in keys
-        },
+        # A summary of an older version may lack the _std entries.
+        **{k: {"mean": s[k], "std": s.get(f"{k}_std")} for k in keys},
       }
       for name, spec, s in rows
     ],
@@ -161,7 +159,11 @@ def markdown(data: dict[str, Any]) -> str:
     "|---|" + "---|" * len(keys),
   ]
   for row in data["rows"]:
-    cells = [f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" for k in keys]
+    cells = [
+      f"{row[k]['mean']:.4f}"
+      + ("" if row[k]["std"] is None else f" ± {row[k]['std']:.4f}")
+      for k in keys
+    ]
     out.append(f"| {row['checkpoint']} | " + " | ".join(cells) + " |")
   out.append(
     f"\nmean ± std over {data['num_prompts']} prompts x "
@@ -170,6 +172,19 @@ def markdown(data: dict[str, Any]) -> str:
     f"{data['num_steps']} sampling steps."
   )
   return "\n".join(out) + "\n"
+
+
+def write_table(
+  rows: list[tuple[str, str, dict[str, Any]]], config, folder: str
+) -> dict[str, Any]:
+  """Writes ``table.json`` and ``table.md`` (process 0); returns the data."""
+  data = table(rows, config)
+  if jax.process_index() == 0:
+    fileio.write_text(
+      fileio.join(folder, "table.json"), json.dumps(data, indent=2) + "\n"
+    )
+    fileio.write_text(fileio.join(folder, "table.md"), markdown(data))
+  return data
 
 
 def compare_grid(
@@ -213,15 +228,10 @@ def evaluate_checkpoints(
     # checkpoints would not fit in host memory.
     result.images = result.images[:n_grid]
     results.append(result)
-  data = table(rows, comps.config)
-  if jax.process_index() == 0:
-    folder = fileio.join(workdir, "eval", tag)
-    fileio.write_text(
-      fileio.join(folder, "table.json"), json.dumps(data, indent=2) + "\n"
-    )
-    fileio.write_text(fileio.join(folder, "table.md"), markdown(data))
-    if compare:
-      names = [name for name, _ in named]
-      path = fileio.join(folder, "compare.png")
-      data["compare"] = compare_grid(names, results, path, n_grid)
+  folder = fileio.join(workdir, "eval", tag)
+  data = write_table(rows, comps.config, folder)
+  if jax.process_index() == 0 and compare:
+    names = [name for name, _ in named]
+    path = fileio.join(folder, "compare.png")
+    data["compare"] = compare_grid(names, results, path, n_grid)
   return data

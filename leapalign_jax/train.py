@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
-  from leapalign_jax import components, evaluation, methods, worlds
+  from leapalign_jax import components, eval_table, evaluation, methods, worlds
   from leapalign_jax import export as export_lib
 
   started = time.monotonic()
@@ -349,7 +349,13 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   if config.export.enabled:
     export_lib.export_run(comps, state["ema"], fileio.join(workdir, "export"))
   _write_curves(workdir)
-  return evaluation.after_training(config, workdir, comps, state)
+  record = evaluation.after_training(config, workdir, comps, state)
+  if record["after"] is not None:
+    # eval/table.md: the paper's table, base (when evaluated) and EMA rows.
+    rows = [("base", "base", record["before"])] if record["before"] else []
+    rows.append(("ema", workdir, record["after"]))
+    eval_table.write_table(rows, config, fileio.join(workdir, "eval"))
+  return record
 
 
 def _write_curves(workdir: str) -> None:
