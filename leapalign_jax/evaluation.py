@@ -4,8 +4,11 @@
 prompts of ``data.eval_cache`` × ``eval.images_per_prompt`` seeds with
 ``params``, scores them with every configured reward (and the world's
 held-out scorers, ``worlds.scorers``) and writes ``eval/<tag>/``: one PNG per
-image, ``samples.jsonl`` (file, prompt, seed, attributes, scores),
-``eval.json`` (means and standard deviations) and ``grid.png``.
+image, ``samples.jsonl`` (file, prompt, seed, attributes, per-image scores
+and the world's verdict), ``eval.json`` (means and standard deviations over
+every image) and ``grid.png`` (each image captioned with its prompt and
+verdict). ``run`` also returns the images (``Result``); ``eval_table``
+builds the several-checkpoint table and comparison grid on it.
 ``after_training`` is the end-of-run evaluation; ``sample_grid`` the periodic
 grid of training. The command is ``leapalign_jax.evaluate``.
 

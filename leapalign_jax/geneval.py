@@ -6,12 +6,15 @@ one JSON object per prompt (``prompt``, ``tag``, ``include``, ...); its
 ``evaluation/evaluate_images.py <outdir>`` reads, for every folder of
 ``<outdir>`` whose name is a number, ``metadata.jsonl`` (that prompt's
 object) and every ``samples/<number>.png``. ``write(sampler, metadata,
-outdir)`` writes that layout as GenEval's own generator does::
+outdir)`` writes the layout GenEval's README specifies::
 
-  <outdir>/00000/metadata.jsonl     line 0 of the metadata file, unchanged
-  <outdir>/00000/samples/00000.png  image 0 of prompt 0 (5-digit names)
-  <outdir>/00000/samples/00001.png  ...
-  <outdir>/samples.jsonl            our index: file, prompt, seed, settings
+  <outdir>/00000/metadata.jsonl    line 0 of the metadata file, unchanged
+  <outdir>/00000/samples/0000.png  image 0 of prompt 0
+  <outdir>/00000/samples/0001.png  ...
+  <outdir>/samples.jsonl           our index: file, prompt, seed, settings
+
+(Its example generator names samples with 5 digits; the evaluator takes
+any ``<digits>.png``, and we follow the README's 4.)
 
 Image ``j`` of prompt ``i`` has the seed ``seed + i * images_per_prompt +
 j`` (the evaluation's rule, ``evaluation.image_seed``), so ``python -m
@@ -66,7 +69,7 @@ def folder(outdir: str, index: int) -> str:
 
 def sample_path(outdir: str, index: int, image: int) -> str:
   """Where image ``image`` of prompt ``index`` goes."""
-  return fileio.join(folder(outdir, index), "samples", f"{image:05d}.png")
+  return fileio.join(folder(outdir, index), "samples", f"{image:04d}.png")
 
 
 def write(
@@ -106,7 +109,7 @@ def write(
     for j in range(per):
       s = evaluation.image_seed(seed, i, j, per)
       path = sample_path(outdir, i, j)
-      name = f"{i:05d}/samples/{j:05d}.png"
+      name = f"{i:05d}/samples/{j:04d}.png"
       lines.append({"file": name, "prompt": item["prompt"], "seed": s})
       if not fileio.exists(path):
         todo.append((path, item["prompt"], s))

@@ -20,7 +20,7 @@ training workdir.
       [--seed 0] [--checkpoint <workdir>]
 
 writes GenEval's layout (``<dir>/00000/metadata.jsonl``,
-``<dir>/00000/samples/00000.png``, ...; ``leapalign_jax.geneval``), which
+``<dir>/00000/samples/0000.png``, ...; ``leapalign_jax.geneval``), which
 GenEval's ``evaluation/evaluate_images.py <dir>`` scores unchanged.
 """
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     "--geneval",
     metavar="METADATA",
     help="GenEval's evaluation_metadata.jsonl: sample its prompts into the "
-    "layout its evaluator reads (--out/<00000>/samples/<00000>.png); "
+    "layout its evaluator reads (--out/<00000>/samples/<0000>.png); "
     "replaces --prompt",
   )
   p.add_argument(

@@ -160,11 +160,11 @@ def test_geneval_layout(run, tmp_path):
     assert sorted(os.listdir(sub)) == ["metadata.jsonl", "samples"]
     with open(sub / "metadata.jsonl") as f:
       assert json.load(f) == m  # as GenEval's evaluator reads it
-    assert sorted(os.listdir(sub / "samples")) == ["00000.png", "00001.png"]
-    with Image.open(sub / "samples" / "00000.png") as img:
+    assert sorted(os.listdir(sub / "samples")) == ["0000.png", "0001.png"]
+    with Image.open(sub / "samples" / "0000.png") as img:
       assert img.size == (32, 32) and img.mode == "RGB"
   with open(out / "samples.jsonl") as f:
     index = [json.loads(x) for x in f]
   assert [x["seed"] for x in index] == [10, 11, 12, 13, 14, 15]
-  assert index[3]["file"] == "00001/samples/00001.png"
+  assert index[3]["file"] == "00001/samples/0001.png"
   assert index[3]["prompt"] == meta[1]["prompt"]
