@@ -61,6 +61,12 @@ def _evaluate(args) -> None:
       )
     named = [("ema", args.workdir)]
   eval_table.unique_names(named)
+  for _, spec in named:  # before minutes of model loading
+    if spec != "base" and not fileio.exists(spec):
+      raise errors.UserError(
+        f"--checkpoint {spec}: no such file or folder; give 'base', a "
+        "training workdir or an export of full weights"
+      )
   if args.compare and len(named) < 2:
     raise errors.UserError(
       "--compare needs two or more --checkpoint (e.g. base and a workdir)"

@@ -1,4 +1,8 @@
-"""Image files: PNGs and grids from ``[-1, 1]`` NHWC arrays (process 0)."""
+"""Image files: PNGs and captioned grids from ``[-1, 1]`` NHWC arrays.
+
+Grids caption every image (its prompt, a verdict) in PIL's default font,
+so no font file is needed. Called on process 0.
+"""
 
 from __future__ import annotations
 
@@ -15,24 +19,6 @@ def to_uint8(images_BHWC: np.ndarray) -> np.ndarray:
   """``[-1, 1]`` floats -> uint8 (clipped, rounded)."""
   x = (np.asarray(images_BHWC, np.float32) + 1.0) * 127.5
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
-def grid(
-  images_BHWC: np.ndarray, cols: int | None = None, pad: int = 2
-) -> np.ndarray:
-  """Tiles a batch into one uint8 image with ``pad`` pixels of grey between."""
-  imgs = to_uint8(images_BHWC)
-  n, h, w, c = imgs.shape
-  cols = cols or math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  out = np.full(
-    (rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8
-  )
-  for i, img in enumerate(imgs):
-    r, q = divmod(i, cols)
-    y, x = pad + r * (h + pad), pad + q * (w + pad)
-    out[y : y + h, x : x + w] = img
-  return out
 
 
 def save_png(image_HWC: np.ndarray, path: str, scale: int = 1) -> str:
@@ -62,15 +48,6 @@ def save_png(image_HWC: np.ndarray, path: str, scale: int = 1) -> str:
       os.remove(tmp)
     raise
   return path
-
-
-def save_grid(
-  images_BHWC: np.ndarray, path: str, cols: int | None = None
-) -> str:
-  """Saves a grid PNG; tiles smaller than 128 px are upscaled for viewing."""
-  h = np.asarray(images_BHWC).shape[1]
-  scale = max(1, 128 // h)
-  return save_png(grid(images_BHWC, cols), path, scale=scale)
 
 
 def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:

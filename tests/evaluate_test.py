@@ -112,6 +112,10 @@ def test_one_checkpoint_keeps_the_single_evaluation_layout(run):
   with open(os.path.join(folder, "table.json")) as f:
     assert [r["checkpoint"] for r in json.load(f)["rows"]] == ["ema"]
   assert evaluate.main([*args, "--compare"]) == 2  # one line, no models
+  missing = ["--checkpoint", "base", "--checkpoint", "/no/such/run"]
+  assert evaluate.main([*args, *missing]) == 2
+  twice = ["--checkpoint", "base", "--checkpoint", "base=" + workdir]
+  assert evaluate.main([*args, *twice]) == 2
 
 
 def test_geneval_layout(run, tmp_path):
