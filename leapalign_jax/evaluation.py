@@ -4,8 +4,11 @@
 prompts of ``data.eval_cache`` × ``eval.images_per_prompt`` seeds with
 ``params``, scores them with every configured reward (and the world's
 held-out scorers, ``worlds.scorers``) and writes ``eval/<tag>/``: one PNG per
-image, ``samples.jsonl`` (file, prompt, seed, attributes, scores),
-``eval.json`` (means and standard deviations) and ``grid.png``.
+image, ``samples.jsonl`` (file, prompt, seed, attributes, per-image scores
+and the world's verdict), ``eval.json`` (means and standard deviations over
+every image) and ``grid.png`` (each image captioned with its prompt and
+verdict). ``run`` also returns the images (``Result``); ``eval_table``
+builds the several-checkpoint table and comparison grid on it.
 ``after_training`` is the end-of-run evaluation; ``sample_grid`` the periodic
 grid of training. The command is ``leapalign_jax.evaluate``.
 
@@ -20,14 +23,26 @@ with the same config and weights draws the same image.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from leapalign_jax import data, fileio, images, sampling, sharding, worlds
+from leapalign_jax import (
+  data,
+  fileio,
+  images,
+  metrics,
+  sampling,
+  sharding,
+  worlds,
+)
+
+_LOG = logging.getLogger(__name__)
 
 
 def image_seed(seed: int, prompt_index: int, image: int, per_prompt: int):
@@ -52,8 +67,10 @@ def generate(
   ]
   bs = int(comps.config.eval.batch_size)
   sample = comps.sample_fn(num_steps)
+  progress = metrics.Progress(len(pairs), unit="image", log=_LOG)
   out = []
   for start in range(0, len(pairs), bs):
+    progress.update(start)
     chunk = pairs[start : start + bs]
     pad = bs - len(chunk)
     chunk_p = chunk + [chunk[-1]] * pad  # one compiled shape
@@ -66,6 +83,8 @@ def generate(
     keys = sharding.put_global({"k": keys}, comps.mesh)["k"]
     imgs = sharding.to_host(sample(params, comps.frozen, batch, keys))
     out.append(imgs[: len(chunk)])
+  if len(pairs) > bs:
+    progress.update(len(pairs), force=True)
   return np.concatenate(out)
 
 
@@ -104,8 +123,25 @@ def score(
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def evaluate(comps, params, workdir: str, tag: str) -> dict[str, Any]:
-  """Samples, scores and writes ``eval/<tag>/``; returns the summary."""
+@dataclasses.dataclass
+class Result:
+  """One checkpoint's evaluation.
+
+  Attributes:
+    summary: what ``eval.json`` holds (means, ``_std`` companions).
+    images: ``[N, H, W, 3]`` in ``[-1, 1]``, prompt-major.
+    per_image: ``{key: [N]}`` of every reward and world score.
+    captions: one line per image: its prompt (and the world's verdict).
+  """
+
+  summary: dict[str, Any]
+  images: np.ndarray
+  per_image: dict[str, np.ndarray]
+  captions: list[str]
+
+
+def run(comps, params, workdir: str, tag: str) -> Result:
+  """Samples, scores and writes ``eval/<tag>/``; returns everything."""
   cfg = comps.config.eval
   cache = comps.eval_cache or comps.train_cache
   n = min(int(cfg.num_prompts), len(cache))
@@ -122,41 +158,67 @@ def evaluate(comps, params, workdir: str, tag: str) -> dict[str, Any]:
   )
   scores = score(comps, imgs, cache, indices, per)
   records = [dict(cache.records[i]) for i in indices for _ in range(per)]
-  summary: dict[str, Any] = {"tag": tag, "num_images": len(imgs)}
-  for name, v in scores.items():
-    summary[f"reward/{name}"] = float(np.mean(v))
-    summary[f"reward/{name}_std"] = float(np.std(v))
+  per_image = {f"reward/{k}": np.asarray(v) for k, v in scores.items()}
+  verdicts: list[list[str]] = []
   for scorer in worlds.scorers(comps.config, workdir):
-    summary.update(scorer(imgs, records))
+    for k, v in scorer(imgs, records).items():
+      if k.endswith("/verdict"):  # caption lines, not numbers
+        verdicts.append([str(x) for x in v])
+      else:
+        per_image[k] = np.asarray(v, np.float64)
+  summary: dict[str, Any] = {"tag": tag, "num_images": len(imgs)}
+  for name, v in per_image.items():
+    summary[name] = float(np.mean(v))
+    summary[f"{name}_std"] = float(np.std(v))
+  verdict = ["; ".join(v[k] for v in verdicts) for k in range(len(imgs))]
+  captions = [
+    "\n".join(filter(None, [str(r.get("prompt", "")), verdict[k]]))
+    for k, r in enumerate(records)
+  ]
   if jax.process_index() == 0:
     _write(
       fileio.join(workdir, "eval", tag),
       imgs,
       records,
-      scores,
+      per_image,
+      verdict,
+      captions,
       indices,
       per,
       cfg.seed,
       summary,
       cfg.grid_images,
     )
-  return summary
+  return Result(summary, imgs, per_image, captions)
 
 
-def _write(folder, imgs, records, scores, indices, per, seed, summary, n_grid):
+def evaluate(comps, params, workdir: str, tag: str) -> dict[str, Any]:
+  """Samples, scores and writes ``eval/<tag>/``; returns the summary."""
+  return run(comps, params, workdir, tag).summary
+
+
+def _write(folder, imgs, records, per_image, verdict, captions, *rest):
   """Writes ``folder`` whole: built aside, then swapped in (never half).
 
   On ``gs://`` the folder is uploaded with ``eval.json`` last: a folder
   holding it is complete (``fileio.publish_dir``).
   """
   with fileio.publish_dir(folder, last="eval.json") as tmp:
-    _write_files(
-      tmp, imgs, records, scores, indices, per, seed, summary, n_grid
-    )
+    _write_files(tmp, imgs, records, per_image, verdict, captions, *rest)
 
 
 def _write_files(
-  folder, imgs, records, scores, indices, per, seed, summary, n_grid
+  folder,
+  imgs,
+  records,
+  per_image,
+  verdict,
+  captions,
+  indices,
+  per,
+  seed,
+  summary,
+  n,
 ):
   os.makedirs(os.path.join(folder, "images"), exist_ok=True)
   lines = []
@@ -170,12 +232,18 @@ def _write_files(
         "prompt_index": i,
         "seed": image_seed(seed, i, j, per),  # sample --seed draws it again
         **rec,
-        **{f"reward/{n}": float(v[k]) for n, v in scores.items()},
+        **{key: float(v[k]) for key, v in per_image.items()},
+        **({"eval/verdict": verdict[k]} if verdict[k] else {}),
       }
     )
   with open(os.path.join(folder, "samples.jsonl"), "w") as f:
     f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
-  images.save_grid(imgs[:n_grid], os.path.join(folder, "grid.png"))
+  images.save_captioned_grid(
+    imgs[:n],
+    captions[:n],
+    os.path.join(folder, "grid.png"),
+    cols=per if per > 1 else None,  # one prompt a row
+  )
   with open(os.path.join(folder, "eval.json"), "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True)
 
@@ -232,6 +300,7 @@ def sample_grid(comps, state, step: int, workdir: str) -> str | None:
   )
   if jax.process_index() != 0:
     return None
-  return images.save_grid(
-    imgs, fileio.join(workdir, "samples", f"step_{step:06d}.png")
+  captions = [str(cache.records[i].get("prompt", "")) for i in range(n)]
+  return images.save_captioned_grid(
+    imgs, captions, fileio.join(workdir, "samples", f"step_{step:06d}.png")
   )

@@ -27,6 +27,7 @@ is the run's family (``families.of(config)``). The command is
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -34,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from leapalign_jax import errors, families, sampling, staging, worlds
+from leapalign_jax import errors, families, metrics, sampling, staging, worlds
+
+_LOG = logging.getLogger(__name__)
 
 
 def noise_for(
@@ -180,7 +183,9 @@ class Sampler:
     # No padding past the request: one image costs one image.
     bs = min(int(batch_size or c.eval.batch_size), len(prompts))
     out_x, out_z = [], []
+    progress = metrics.Progress(len(prompts), unit="image", log=_LOG)
     for start in range(0, len(prompts), bs):
+      progress.update(start)
       idx = row[start : start + bs]
       pad = bs - len(idx)
       sel = np.asarray(idx + [idx[-1]] * pad)  # one compiled shape
@@ -190,6 +195,8 @@ class Sampler:
       x, z = fn(self._params, self._vae_params, cond, noise, sigmas)
       out_x.append(np.asarray(x)[: bs - pad])
       out_z.append(np.asarray(z)[: bs - pad])
+    if len(prompts) > bs:
+      progress.update(len(prompts), force=True)
     imgs = (np.concatenate(out_x) + 1.0) / 2.0
     return Samples(imgs, np.concatenate(out_z) if return_latents else None)
 

@@ -50,17 +50,11 @@ def _setup_logging() -> None:
 
   ``--verbosity=0`` (absl) brings the libraries' INFO logs back.
   """
-  import logging as std_logging
+  from leapalign_jax import metrics
 
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  ours = std_logging.getLogger("leapalign_jax")
-  if not ours.handlers:
-    handler = std_logging.StreamHandler(sys.stderr)
-    handler.setFormatter(std_logging.Formatter("[leapalign] %(message)s"))
-    ours.addHandler(handler)
-  ours.setLevel(std_logging.INFO)
-  ours.propagate = False
+  metrics.log_to_stderr()
 
 
 def _config_path(argv: list[str]) -> str | None:

@@ -16,9 +16,11 @@ uploaded whole with it (``fileio``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -253,3 +255,81 @@ class StepTimer:
       out = {"perf/step_s": dt, "perf/images_per_s": self.global_batch / dt}
     self.last = now
     return out
+
+
+def log_to_stderr() -> None:
+  """The package's INFO lines on stderr as ``[leapalign] <message>``.
+
+  Commands call it; the launchers grep ``[leapalign] progress:``.
+  """
+  ours = logging.getLogger("leapalign_jax")
+  if not ours.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[leapalign] %(message)s"))
+    ours.addHandler(handler)
+  ours.setLevel(logging.INFO)
+  ours.propagate = False
+
+
+def _duration(seconds: float) -> str:
+  """``1h02m``, ``3m05s`` or ``42s``."""
+  s = int(round(seconds))
+  if s >= 3600:
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+  if s >= 60:
+    return f"{s // 60}m{s % 60:02d}s"
+  return f"{s}s"
+
+
+class Progress:
+  """``progress: <unit> n of total (rate, ETA)`` lines, at most every ``every_s``.
+
+  The rate is measured from the first ``update`` on, so the first call's
+  compilation does not count. Lines go to ``log`` (a ``logging.Logger``),
+  on process 0 only; ``update`` returns the line it logged, else None.
+  """
+
+  def __init__(
+    self,
+    total: int,
+    start: int = 0,
+    unit: str = "step",
+    every_s: float = 60.0,
+    log=None,
+    clock=time.monotonic,
+  ):
+    self.total, self.unit, self.every_s = int(total), unit, float(every_s)
+    self.log, self.clock = log, clock
+    self.enabled = jax.process_index() == 0
+    self.first = None  # (n, t) of the first update
+    self.last_line = None
+
+  def line(self, n: int) -> str | None:
+    """The progress line at ``n`` done (None before a rate is known)."""
+    now = self.clock()
+    if self.first is None or n <= self.first[0] or now <= self.first[1]:
+      return None
+    per = (now - self.first[1]) / (n - self.first[0])
+    rate = (
+      f"{per:.2f} s/{self.unit}" if per >= 1 else f"{1 / per:.2f} {self.unit}/s"
+    )
+    eta = _duration(per * max(self.total - n, 0))
+    return f"progress: {self.unit} {n} of {self.total} ({rate}, ETA {eta})"
+
+  def update(self, n: int, force: bool = False) -> str | None:
+    """Logs the line when ``every_s`` passed since the last one (or forced)."""
+    if not self.enabled:
+      return None
+    now = self.clock()
+    if self.first is None:
+      self.first = (int(n), now)
+      self.last_line = now
+      return None
+    if not force and now - self.last_line < self.every_s:
+      return None
+    text = self.line(int(n))
+    if text is not None:
+      self.last_line = now
+      if self.log is not None:
+        self.log.info(text)
+    return text

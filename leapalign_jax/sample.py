@@ -9,10 +9,19 @@
 Every prompt is sampled with every seed (the seed alone names an image's
 noise: ``leapalign_jax.generation``). The command writes one PNG per image
 (``prompt<i>_seed<s>.png``), a ``samples.jsonl`` naming each (prompt, seed,
-size, steps, guidance), and ``grid.png`` for several; ``--save-npy`` adds the
+size, steps, guidance), and ``grid.png`` for several (each image captioned
+with its prompt and seed); ``--save-npy`` adds the
 float images (``.npy``, [0, 1]) and ``--save-latents`` the denoised latents
 (``.latent.npy``). ``--checkpoint`` samples with the EMA weights of a
 training workdir.
+
+  python -m leapalign_jax.sample --config configs/<run>.py \
+      --geneval evaluation_metadata.jsonl --out <dir> [--images-per-prompt 4] \
+      [--seed 0] [--checkpoint <workdir>]
+
+writes GenEval's layout (``<dir>/00000/metadata.jsonl``,
+``<dir>/00000/samples/0000.png``, ...; ``leapalign_jax.geneval``), which
+GenEval's ``evaluation/evaluate_images.py <dir>`` scores unchanged.
 """
 
 from __future__ import annotations
@@ -24,14 +33,27 @@ import sys
 
 import numpy as np
 
-from leapalign_jax import errors, images
+from leapalign_jax import errors, images, metrics
 from leapalign_jax.generation import Sampler, Samples
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m leapalign_jax.sample")
   p.add_argument("--config", required=True)
-  p.add_argument("--prompt", action="append", required=True)
+  p.add_argument("--prompt", action="append")
+  p.add_argument(
+    "--geneval",
+    metavar="METADATA",
+    help="GenEval's evaluation_metadata.jsonl: sample its prompts into the "
+    "layout its evaluator reads (--out/<00000>/samples/<0000>.png); "
+    "replaces --prompt",
+  )
+  p.add_argument(
+    "--images-per-prompt",
+    type=int,
+    default=4,
+    help="with --geneval: images per prompt (default 4, GenEval's)",
+  )
   p.add_argument(
     "--seed",
     type=int,
@@ -75,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   args = _parser().parse_args(argv)
+  metrics.log_to_stderr()  # progress lines
   paths = []
   status = errors.run_command(lambda: paths.extend(run(args)))
   for p in paths:
@@ -87,6 +110,10 @@ def run(args) -> list[str]:
   from leapalign_jax import configs_io
 
   config = configs_io.load_config(args.config, args.overrides)
+  if bool(args.prompt) == bool(args.geneval):
+    raise errors.UserError("give --prompt (repeatable) or --geneval METADATA")
+  if args.geneval:
+    return _geneval(config, args)
   if args.latents and args.seed:
     raise errors.UserError("--latents replaces --seed; give one of them")
   latents = _read_latents(args.latents) if args.latents else None
@@ -120,6 +147,36 @@ def run(args) -> list[str]:
   return _write(args.out, pairs, out, settings, args.save_npy)
 
 
+def _geneval(config, args) -> list[str]:
+  """``--geneval``: GenEval's folder layout (``leapalign_jax.geneval``)."""
+  from leapalign_jax import geneval
+
+  if args.latents or args.save_npy or args.save_latents:
+    raise errors.UserError(
+      "--geneval writes PNGs from seeds only; drop --latents, --save-npy "
+      "and --save-latents"
+    )
+  if args.seed and len(args.seed) > 1:
+    raise errors.UserError(
+      "--geneval takes one --seed (the first image's; image j of prompt i "
+      "gets seed + i * images_per_prompt + j)"
+    )
+  metadata = geneval.read_metadata(args.geneval)
+  sampler = Sampler(config, args.checkpoint)
+  geneval.write(
+    sampler,
+    metadata,
+    args.out,
+    images_per_prompt=args.images_per_prompt,
+    seed=(args.seed or [0])[0],
+    height=args.height,
+    width=args.width,
+    num_steps=args.num_steps,
+    guidance=args.guidance,
+  )
+  return [args.out]
+
+
 def _read_latents(path: str) -> np.ndarray:
   try:
     return np.load(path, allow_pickle=False)
@@ -150,9 +207,9 @@ def _write(folder, pairs, out: Samples, settings, save_npy: bool) -> list[str]:
   if len(pairs) > 1:
     cols = len({s for _, _, s in pairs})
     grid = out.images * 2.0 - 1.0
-    written.append(
-      images.save_grid(grid, os.path.join(folder, "grid.png"), cols=cols)
-    )
+    captions = [p if s is None else f"{p}\nseed {s}" for _, p, s in pairs]
+    path = os.path.join(folder, "grid.png")
+    written.append(images.save_captioned_grid(grid, captions, path, cols))
   return written
 
 

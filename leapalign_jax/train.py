@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -183,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
-  from leapalign_jax import components, evaluation, methods, worlds
+  from leapalign_jax import components, eval_table, evaluation, methods, worlds
   from leapalign_jax import export as export_lib
 
   started = time.monotonic()
@@ -347,7 +348,28 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
     return {"step": step, "preempted": True}
   if config.export.enabled:
     export_lib.export_run(comps, state["ema"], fileio.join(workdir, "export"))
-  return evaluation.after_training(config, workdir, comps, state)
+  _write_curves(workdir)
+  record = evaluation.after_training(config, workdir, comps, state)
+  if record["after"] is not None:
+    # eval/table.md: the paper's table, base (when evaluated) and EMA rows.
+    rows = [("base", "base", record["before"])] if record["before"] else []
+    rows.append(("ema", workdir, record["after"]))
+    eval_table.write_table(rows, config, fileio.join(workdir, "eval"))
+  return record
+
+
+def _write_curves(workdir: str) -> None:
+  """``curves.png`` beside ``metrics.jsonl`` (process 0; needs matplotlib)."""
+  from leapalign_jax import plots
+
+  if jax.process_index() != 0:
+    return
+  if not plots.have_matplotlib():
+    _LOG.info("no curves.png: matplotlib is not installed")
+    return
+  path = plots.write_curves(workdir)
+  if path:
+    _LOG.info("training curves: %s", path)
 
 
 def _format_choice(choice: dict[str, int]) -> str:
@@ -377,19 +399,30 @@ def _nonfinite_message(config, meta: dict, step: int, record, workdir) -> str:
 
 
 def _progress(start: int, total: int):
-  """A tqdm bar with ETA on process 0; a no-op elsewhere."""
+  """Rate and ETA on process 0: a tqdm bar, or ``progress:`` log lines.
+
+  A terminal gets the bar; a log file (not a terminal) gets a line a
+  minute instead of the bar's redraws. A no-op on other processes.
+  """
 
   class _Bar:
     def __init__(self):
       self.bar = None
-      if jax.process_index() == 0:
+      self.lines = None
+      if jax.process_index() != 0:
+        return
+      if sys.stderr.isatty():
         from tqdm import tqdm
 
         self.bar = tqdm(
           total=total, initial=start, unit="step", dynamic_ncols=True
         )
+      else:
+        self.lines = metrics_lib.Progress(total, start, "step", log=_LOG)
 
     def update(self, step, record):
+      if self.lines is not None:
+        self.lines.update(step)
       if self.bar is None:
         return
       self.bar.n = step

@@ -170,6 +170,23 @@ def test_evaluator_accuracy_on_clean_held_out_renders(evaluator, test_batch):
   assert evaluator.accuracy(test_batch.images, records) == acc
 
 
+def test_judge_gives_per_image_hits_and_caption_verdicts(evaluator, test_batch):
+  images, ps = test_batch.images[:20], test_batch.prompt_set
+  records = digits.prompt_records(CONFIG, ps)[:20]
+  per = evaluator.judge(images, records)
+  acc = evaluator.accuracy(images, records)
+  assert {k: float(np.mean(v)) for k, v in per.items() if k != "verdict"} == acc
+  assert len(per["verdict"]) == 20 and per["all"].shape == (20,)
+  for hit, verdict, rec in zip(per["all"], per["verdict"], records):
+    assert verdict.startswith("ok: saw " if hit else "no: ")
+    if hit:  # what it saw is what the prompt asked for
+      assert verdict == f"ok: saw {rec['digit']} {rec['colour']} " + (
+        f"{rec['position']}"
+      )
+  blank = evaluator.judge(-np.ones_like(images[:2]), records[:2])
+  assert blank["verdict"] == ["no: no digit found"] * 2
+
+
 def test_evaluator_not_fooled_by_blank_noise_or_speckle(evaluator, test_batch):
   ps = test_batch.prompt_set
   blank = -np.ones_like(test_batch.images)

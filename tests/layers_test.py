@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
       "openclip_tokenizer",
       "sharding",
       "metrics",
+      "plots",
       "preemption",
       "distributed",
       "checkpoint",
@@ -57,13 +58,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
   ),
   ("families", ("families", "defaults")),
   ("assembly", ("components", "abstract_run")),
-  ("services", ("evaluation", "generation", "export", "worlds")),
+  (
+    "services",
+    ("evaluation", "eval_table", "geneval", "generation", "export", "worlds"),
+  ),
   (
     "commands",
     (
       "train",
       "evaluate",
       "sample",
+      "curves",
       "aot",
       "embed_prompts",
       "staging.__main__",

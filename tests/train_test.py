@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from leapalign_jax import checkpoint, configs_io, methods, metrics, train
+from leapalign_jax import checkpoint, configs_io, methods, metrics, plots, train
 
 TINY = "configs/tiny.py"
 
@@ -71,9 +71,14 @@ def test_outputs_and_exact_resume(world_dir, tmp_path):
     "eval/after/grid.png",
     "eval/before/eval.json",
     "eval/summary.md",
+    "eval/table.md",
+    "eval/table.json",
     "export/transformer/config.json",
+    *(["curves.png"] if plots.have_matplotlib() else []),
   ):
     assert os.path.exists(os.path.join(straight, f)), f
+  with open(os.path.join(straight, "eval/table.json")) as f:
+    assert [r["checkpoint"] for r in json.load(f)["rows"]] == ["base", "ema"]
   assert any(
     f.startswith("events.out.tfevents")
     for f in os.listdir(os.path.join(straight, "tensorboard"))

@@ -52,7 +52,9 @@ WORLDS: dict[str, Callable] = {
   "random": _random,
   "random_sd3": _random_sd3,
 }
-# name -> scorers(config, workdir) -> [score(images, records) -> {k: v}]
+# name -> scorers(config, workdir) -> [score(images, records) -> {k: [N]}]:
+# per-image values (their mean is the summary's k), and optionally a
+# "<prefix>/verdict" list of caption lines (one per image).
 SCORERS: dict[str, Callable] = {"digits": _digits_scorers}
 
 

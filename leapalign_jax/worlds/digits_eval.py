@@ -231,14 +231,42 @@ class Evaluator:
       `digit`, `colour`, `position`, `all` (every attribute right), `found`
       (fraction with a digit found) and `stray` (mean stray-ink share).
     """
+    per = self.judge(images, records)
+    return {k: float(v.mean()) for k, v in per.items() if k != "verdict"}
+
+  def judge(
+    self,
+    images: np.ndarray,
+    records: Sequence[Mapping[str, Any]] | digits.PromptSet,
+  ) -> dict[str, Any]:
+    """Per-image verdicts: `accuracy` 's keys as [N] arrays, plus `verdict`.
+
+    `verdict` is one short line per image for image captions: "ok" or
+    "no", then what the evaluator saw (e.g. "no: saw 3 red left"), or
+    "no: no digit found".
+    """
     pred = self.predict(images)
     want = digits.record_ids(self.config, records)
     hits = {a: pred[a] == want[a] for a in ATTRIBUTES}
     hits["all"] = np.logical_and.reduce([hits[a] for a in ATTRIBUTES])
-    result = {k: float(v.mean()) for k, v in hits.items()}
-    result["found"] = float(pred["found"].mean())
-    result["stray"] = float(pred["stray"].mean())
-    return result
+    out: dict[str, Any] = {k: v.astype(np.float64) for k, v in hits.items()}
+    out["found"] = pred["found"].astype(np.float64)
+    out["stray"] = pred["stray"]
+    names = {
+      "digit": [str(d) for d in range(digits.NUM_DIGITS)],  # short: "7"
+      "colour": self.config.colours,
+      "position": self.config.positions,
+    }
+    verdicts = []
+    for i in range(len(pred["found"])):
+      mark = "ok" if hits["all"][i] else "no"
+      if not pred["found"][i]:
+        verdicts.append(f"{mark}: no digit found")
+        continue
+      seen = " ".join(names[a][pred[a][i]] for a in ATTRIBUTES)
+      verdicts.append(f"{mark}: saw {seen}")
+    out["verdict"] = verdicts
+    return out
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the evaluator as one `.npz` (no pickle)."""

@@ -384,8 +384,13 @@ def rule_stage(world, seed: int, reward_ids, records, out: str) -> dict:
 
 def evaluator_scorer(
   config: ml_collections.ConfigDict, workdir: str
-) -> Callable[[np.ndarray, list[Mapping[str, Any]]], dict[str, float]]:
-  """``score(images, records) -> {"eval/digit": acc, ...}`` (held out)."""
+) -> Callable[[np.ndarray, list[Mapping[str, Any]]], dict[str, Any]]:
+  """``score(images, records) -> {"eval/digit": [N] hits, ...}`` (held out).
+
+  Per image: 0/1 hits (``digit``, ``colour``, ``position``, ``all``,
+  ``found``), the ``stray`` ink share, and ``eval/verdict`` (one caption
+  line each; ``Evaluator.judge``).
+  """
   path = os.path.join(folder_of(config, workdir), "evaluator.npz")
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -393,8 +398,8 @@ def evaluator_scorer(
     )
   evaluator = digits_eval.Evaluator.load(path)
 
-  def score(images: np.ndarray, records) -> dict[str, float]:
-    acc = evaluator.accuracy(np.asarray(images), records)
-    return {f"eval/{k}": v for k, v in acc.items()}
+  def score(images: np.ndarray, records) -> dict[str, Any]:
+    per = evaluator.judge(np.asarray(images), records)
+    return {f"eval/{k}": v for k, v in per.items()}
 
   return score
