@@ -46,11 +46,23 @@ def folder(tmp_path_factory):
   """ImageReward (transformers names) + vocab.txt, as a user's folder."""
   root = tmp_path_factory.mktemp("image_reward")
   parts = irt.torch_parts()
+  # Unit-gain head: with the shared fixture's 0.1-std weights the five
+  # linears shrink every score to about the same value (spread ~1e-5, the
+  # tolerance), so a wrong crop or mask would go unnoticed.
+  g = torch.Generator().manual_seed(7)
+  with torch.no_grad():
+    for layer in parts[2]:
+      if isinstance(layer, torch.nn.Linear):
+        fan_in = layer.weight.shape[1]
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+        layer.weight.mul_(fan_in**-0.5)
   state = {}
   for prefix, module in zip(
     ("vision_model.", "text_encoder.", "mlp.layers."), parts
   ):
-    state.update({prefix + k: v.numpy() for k, v in module.state_dict().items()})
+    state.update(
+      {prefix + k: v.numpy() for k, v in module.state_dict().items()}
+    )
   save_file(state, str(root / "ImageReward.safetensors"))
   tiny_tokenizer.write_bert(root)
   return root, parts
@@ -109,6 +121,11 @@ def test_scores_equal_the_reference(folder):
   mask = np.asarray(enc["attention_mask"])
   want = irt.torch_score(parts, reference_pixels(x), ids.astype(np.int64), mask)
   np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
+  assert np.ptp(want) > 1e-3  # 100x the tolerance: samples differ
+  # The check can tell: transformers' crop offsets (floor) move the scores.
+  floor = rewards.build({"image_reward": entry(folder, crop="floor")})
+  other = np.asarray(jax.jit(floor.score)(floor.params, x, ids))
+  assert np.abs(other - want).max() > 1e-4
 
 
 def test_default_preprocessing_is_the_pil_transform(folder):
@@ -158,6 +175,17 @@ def test_weighted_sum_with_a_clip_reward(folder, tmp_path):
   total = np.asarray(jax.jit(reward.score)(reward.params, x, ids))
   want = 0.7 * np.asarray(each["image_reward"]) - 2.0 * np.asarray(each["clip"])
   np.testing.assert_allclose(total, want, rtol=1e-6, atol=1e-6)
+
+
+def test_abstract_build_reads_nothing():
+  """``aot`` builds: shapes only, the published sizes by default."""
+  reward = rewards.build({"image_reward": {"dtype": "bfloat16"}}, abstract=True)
+  leaves = jax.tree.leaves(reward.params)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  assert {x.dtype for x in leaves} == {jnp.dtype("bfloat16")}
+  words = reward.params["image_reward"]["blip"]["text_encoder"]["embeddings"]
+  assert words["word_embeddings"]["embedding"].shape == (30524, 768)
+  assert reward.lengths == {"image_reward": 35}
 
 
 def test_ids_are_blips_bert_tokens(folder):

@@ -47,10 +47,13 @@ def write(folder) -> pathlib.Path:
 
 
 BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Its words; then ``##`` pieces and single letters, 62 entries in all.
 BERT_WORDS = (
-  "a photo of the cat dog red blue green digit one two three on left right "
-  "sitting in front house tree car small big with and at under over"
-).split()
+  *("a", "photo", "of", "the", "cat", "dog", "red", "blue", "green"),
+  *("digit", "one", "two", "three", "on", "left", "right", "sitting"),
+  *("in", "front", "house", "tree", "car", "small", "big", "with"),
+  *("and", "at", "under", "over"),
+)
 BERT_SIZE = 62  # + [DEC] + [ENC] = 64 rows
 
 
@@ -59,8 +62,7 @@ def write_bert(folder) -> pathlib.Path:
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   tokens = [*BERT_SPECIAL, *BERT_WORDS, *(f"##{c}" for c in "sedlyr")]
-  tokens += [c for c in "bcdefghijklmnopqrstuvwxyz"]
-  tokens = tokens[:BERT_SIZE]
+  tokens += list("bcdefghijklmnopqrstuvwxyz")[: BERT_SIZE - len(tokens)]
   assert len(tokens) == len(set(tokens)) == BERT_SIZE, len(tokens)
   (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
   return folder
