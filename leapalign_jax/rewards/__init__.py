@@ -64,8 +64,9 @@ Reward checkpoints (never downloaded by the code; fetch them once):
         --src sac+logos+ava1-l14-linearMSE.pth --dst aesthetic_l14.safetensors
 
 - ``image_reward``: ``ImageReward.pt`` from huggingface.co/THUDM/ImageReward
-  (``path``; read with torch, or a ``.safetensors`` copy written by
-  ``convert.image_reward.export_image_reward``), and in the same folder
+  (``path``; read with torch, or converted once with
+  ``python -m leapalign_jax.convert image_reward --src ImageReward.pt
+  --dst ImageReward.safetensors``), and in the same folder
   bert-base-uncased's ``vocab.txt`` (+ ``tokenizer_config.json``; or set
   ``tokenizer`` to their folder): BLIP's tokenizer, which ``embed_prompts``
   reads offline. The hub's ``med_config.json`` is not needed: the sizes
