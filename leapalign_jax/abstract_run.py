@@ -113,7 +113,7 @@ def build(config: ml_collections.ConfigDict, mesh) -> AbstractRun:
   B, t = config.data.global_batch, config.text
   shapes = dict(family.text_shapes(config, model_cfg, B))
   for name in reward.tokenizers:  # each reward's own ids
-    length = reward.text_length or t.reward_max_length
+    length = reward.lengths.get(name) or t.reward_max_length
     shapes[data.ids_field(name)] = ((B, length), jnp.int32)
   batch = {
     k: jax.ShapeDtypeStruct(

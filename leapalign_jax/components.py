@@ -386,9 +386,10 @@ def check_cache(cache: data.PromptCache, family: Family, model_cfg, reward):
         "prompts with this config"
       )
     ids = cache.field_shape(field)
-    if reward.text_length and ids[-1] != reward.text_length:
+    want = reward.lengths.get(name)
+    if want and ids[-1] != want:
       raise ConfigError(
         f"{cache.folder}: reward {name!r} ids have length {ids[-1]} but the "
-        f"reward model takes {reward.text_length}; set "
-        "text.reward_max_length and re-embed"
+        f"reward model takes {want}; set text.reward_max_length (CLIP "
+        "rewards) and re-embed"
       )

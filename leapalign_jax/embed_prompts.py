@@ -10,7 +10,8 @@ job resumes where it stopped. Duplicate prompts are embedded once, prompts
 already in the cache are skipped, and a cache written by other encoders is
 refused. Each reward that reads text gets the ids of the tokenizer it was
 trained with (``rewards.text``: OpenCLIP's for ``hpsv2``, transformers' for
-``pickscore``), so the config's reward paths must be set. ``.jsonl`` records
+``pickscore``, BLIP's BERT for ``image_reward``), so the config's reward
+paths must be set. ``.jsonl`` records
 keep their other fields (e.g. digit / colour / position attributes) in the
 manifest. Prompts longer than an encoder's limit
 are truncated with one warning per encoder. Bad input (a missing, empty or

@@ -1,4 +1,4 @@
-"""CPU-side CLIP (BPE) and T5 (sentencepiece) tokenizers, Flux-style padding.
+"""CPU-side CLIP (BPE), T5 (sentencepiece) and BLIP (BERT) tokenizers.
 
 The tokenizers are transformers' fast tokenizers (no torch). Prompts are
 turned into int32 numpy arrays padded to a fixed length exactly as diffusers'
@@ -18,6 +18,10 @@ Sources:
   * T5: a local HF folder (`tokenizer_2/` of a snapshot, or the root), or a
     small sentencepiece unigram model trained with `train_t5_tokenizer` (the
     digits world's T5 vocabulary).
+  * BLIP (the ImageReward reward): bert-base-uncased's WordPiece vocabulary
+    (`vocab.txt`) from a local folder, plus the two tokens BLIP adds
+    (`load_blip_tokenizer`); ids padded with `[PAD]` (id 0) to 35 tokens,
+    ImageReward's `max_length` (`tokenize_bert`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ _BPE_PATH = (
 _NUM_MERGES = 49152 - 256 - 2
 _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
+# BLIP's ``init_tokenizer`` adds a decoder BOS and an encoder token to
+# bert-base-uncased (30522 + 2 = the 30524 rows of its text embedding).
+BLIP_ADDED = {"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]}
+BLIP_MAX_LENGTH = 35  # ImageReward tokenises with max_length=35
 
 
 def byte_symbols() -> list[str]:
@@ -410,3 +418,58 @@ def tokenize_t5(
     `max_length - 1 tokens + </s>`, with one logged warning per call.
   """
   return _tokenize(tok, prompts, max_length, "tokenize_t5")
+
+
+def find_bert_tokenizer(path: str | os.PathLike) -> pathlib.Path | None:
+  """The BERT vocabulary folder beside a checkpoint (``vocab.txt``), if any.
+
+  Looked for in ``path`` (a folder) or the folder holding ``path`` (a file
+  such as ``ImageReward.pt``), then in its ``tokenizer/`` subfolder.
+  """
+  path = pathlib.Path(path)
+  folder = path if path.is_dir() else path.parent
+  candidates = (folder, folder / "tokenizer")
+  return next((c for c in candidates if (c / "vocab.txt").is_file()), None)
+
+
+def load_blip_tokenizer(
+  folder: str | os.PathLike,
+) -> transformers.PreTrainedTokenizerBase:
+  """BLIP's tokenizer: BERT WordPiece from ``folder`` plus ``BLIP_ADDED``.
+
+  ``folder`` holds bert-base-uncased's ``vocab.txt`` (and optionally its
+  ``tokenizer_config.json``); nothing is downloaded. Tokens already present
+  (a saved BLIP tokenizer) are not added twice.
+  """
+  require_local(folder, "tokenizer")
+  folder = pathlib.Path(folder)
+  if not (folder / "vocab.txt").is_file():
+    raise UserError(
+      f"{folder}: no vocab.txt; put bert-base-uncased's vocab.txt (and "
+      "tokenizer_config.json) there"
+    )
+  tok = transformers.BertTokenizer.from_pretrained(
+    str(folder), local_files_only=True
+  )
+  tok.add_special_tokens(BLIP_ADDED)
+  if tok.pad_token_id != 0:
+    # The ImageReward reward masks the padding where the ids are 0.
+    raise UserError(
+      f"{folder}: the BERT [PAD] token has id {tok.pad_token_id}, not 0; "
+      "use bert-base-uncased's vocab.txt ([PAD] on its first line)"
+    )
+  return tok
+
+
+def tokenize_bert(
+  tok: transformers.PreTrainedTokenizerBase,
+  prompts: Sequence[str],
+  max_length: int = BLIP_MAX_LENGTH,
+) -> np.ndarray:
+  """BERT ids as ImageReward computes them: ``[CLS] ... [SEP] [PAD]=0 ...``.
+
+  Returns:
+    int32 array [len(prompts), max_length]; longer prompts are cut to
+    ``[CLS] + max_length - 2 tokens + [SEP]``, with one logged warning.
+  """
+  return _tokenize(tok, prompts, max_length, "tokenize_bert")

@@ -20,6 +20,7 @@ import torch_refs  # noqa: E402
 
 from leapalign_jax.convert.errors import ConversionError  # noqa: E402
 from leapalign_jax.convert.image_reward import (  # noqa: E402
+  convert_image_reward,
   export_image_reward,
   load_image_reward,
 )
@@ -135,6 +136,17 @@ def test_imagereward_layout_round_trip(hf_file, tmp_path):
   (out,) = export_image_reward(model, str(tmp_path / "ir.safetensors"))
   _, again = load_image_reward(out, config="tiny")
   x = inputs(seed=4)
+  np.testing.assert_array_equal(our_score(again, *x), our_score(model, *x))
+
+
+def test_convert_writes_the_imagereward_layout(hf_file, tmp_path):
+  """Streaming conversion (no model built) = load then export."""
+  path, _ = hf_file
+  (out,) = convert_image_reward(path, str(tmp_path), config="tiny")
+  assert out.endswith("ImageReward.safetensors")
+  _, model = load_image_reward(path, config="tiny")
+  _, again = load_image_reward(out, config="tiny")
+  x = inputs(seed=5)
   np.testing.assert_array_equal(our_score(again, *x), our_score(model, *x))
 
 

@@ -150,6 +150,7 @@ def test_registry_and_api(all_rewards):
     "clip",
     "digits_rule",
     "hpsv2",
+    "image_reward",
     "pickscore",
     "python",
   )

@@ -11,10 +11,12 @@
       [--dtype bfloat16]
   python -m leapalign_jax.convert aesthetic --src <head.pth> \
       --dst <head.safetensors> [--dtype float32]
+  python -m leapalign_jax.convert image_reward --src ImageReward.pt \
+      --dst <ImageReward.safetensors | dir> [--dtype float32]
 
 Reads any supported layout (auto-detected) and writes the requested one, so
 the output loads with ``load_flux`` / ``load_autoencoder`` / ``load_clip`` /
-``load_t5`` / ``load_aesthetic_head`` and with PyTorch tools (BFL/ComfyUI
+``load_t5`` / ``load_aesthetic_head`` / ``load_image_reward`` and with PyTorch tools (BFL/ComfyUI
 single files, diffusers and transformers folders, OpenCLIP state dicts).
 Errors print one line and exit with status 2.
 """
@@ -78,6 +80,12 @@ def _aesthetic(args) -> list[str]:
   return convert_aesthetic(args.src, dst, args.dtype)
 
 
+def _image_reward(args) -> list[str]:
+  from leapalign_jax.convert.image_reward import convert_image_reward
+
+  return convert_image_reward(args.src, args.dst, args.dtype)
+
+
 def _t5(args) -> list[str]:
   from leapalign_jax.convert.t5 import convert_t5
 
@@ -90,6 +98,7 @@ COMMANDS = {
   "clip": _clip,
   "t5": _t5,
   "aesthetic": _aesthetic,
+  "image_reward": _image_reward,
 }
 # Output layouts per model; the first is the default.
 LAYOUTS = {
@@ -98,6 +107,7 @@ LAYOUTS = {
   "clip": ("hf", "openclip"),
   "t5": ("hf",),
   "aesthetic": ("laion",),  # the upstream keys, as .safetensors
+  "image_reward": ("imagereward",),  # ImageReward.pt's keys
 }
 
 

@@ -324,3 +324,32 @@ def export_image_reward(
 
   tensors = export_tensors(rules(model.config, layout), model, dtype)
   return write_checkpoint(tensors, path, single_file="ImageReward.safetensors")
+
+
+def convert_image_reward(
+  src: str,
+  dst: str,
+  dtype: str | None = None,
+  config: ImageRewardConfig | str | None = None,
+) -> list[str]:
+  """Rewrites ``src`` (any layout) as ``ImageReward.pt`` names in safetensors.
+
+  One tensor in memory at a time, so a TPU host can then load the reward
+  without torch. ``config`` as in ``load_image_reward``.
+  """
+  from leapalign_jax.convert.loading import resolve_variant, write_checkpoint
+
+  source, layout = open_checkpoint(src)
+  config = resolve_variant(config, VARIANTS, "ImageReward")
+  config = config if config is not None else infer_config(source, layout)
+  table = rules(config, layout)
+  keymap.validate(
+    table,
+    source,
+    f"ImageReward ({layout} layout)",
+    "Is this ImageReward.pt (THUDM/ImageReward) or its conversion?",
+  )
+  stored = source[table[0].srcs[0].key].dtype
+  lazy = keymap.lazy_params(table, source, dtype or stored)
+  tensors = keymap.export(rules(config, "imagereward"), lazy)
+  return write_checkpoint(tensors, dst, single_file="ImageReward.safetensors")

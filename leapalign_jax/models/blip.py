@@ -272,7 +272,11 @@ class BertModel(nnx.Module):
     self.embeddings = nnx.Dict(
       word_embeddings=Embed(c.vocab_size, c.hidden_size, **kw),
       position_embeddings=nnx.Param(
-        init(rngs.params(), (c.max_position_embeddings, c.hidden_size)),
+        init(
+          rngs.params(),
+          (c.max_position_embeddings, c.hidden_size),
+          param_dtype,
+        ),
         out_sharding=(None, "embed"),
       ),
       LayerNorm=LayerNorm(

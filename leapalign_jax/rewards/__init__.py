@@ -9,8 +9,9 @@ Images are decoded generator outputs in [-1, 1], NHWC, any size (clipped to
 [-1, 1] inside, as the references clamp; ``check_images`` is the host-side
 range check); ``ids`` are ``{name: ids_BL}``, each reward's prompt ids as
 its own tokenizer makes them (``rewards.text``: OpenCLIP's pipeline for
-``hpsv2``, transformers' ``CLIPTokenizer`` for ``pickscore``), padded to
-``reward.text_length``; one ``[B, L]`` array is given to every reward.
+``hpsv2``, transformers' ``CLIPTokenizer`` for ``pickscore``, BLIP's BERT
+for ``image_reward``), padded to ``reward.lengths[name]``; one ``[B, L]``
+array is given to every reward.
 Scores are pure functions of ``(params, images, ids)``,
 differentiable w.r.t. the images; the params are frozen (behind
 ``stop_gradient``) and may be passed to ``jax.jit`` sharded or replicated.
@@ -29,6 +30,9 @@ one under another name (e.g. two ``clip`` rewards):
 - ``python``: a host-side numpy scorer, without gradient (``nondiff``).
 - ``aesthetic``: the LAION aesthetic head on the unit OpenAI CLIP ViT-L/14
   image embedding; reads no text (``aesthetic``).
+- ``image_reward``: ImageReward (BLIP ViT-L + cross-attention BERT + MLP
+  head), standardised as the reference does; reads BLIP's 35 BERT ids
+  (``image_reward``).
 
 Options per entry: ``weight`` (default 1; 0 = evaluation only), ``kind``,
 ``path``, ``variant`` (the architecture of a file that does not record it,
@@ -37,8 +41,8 @@ e.g. an OpenCLIP state dict of a size other than L/H/g/bigG-14; see
 defaults to ``dtype``, the logit scale stays fp32), ``remat``,
 ``scan_layers``, ``attention``, ``hidden_act``, ``resample`` / ``saturate``
 / ``crop`` (preprocessing, see ``preprocess``), ``scale`` and ``tokenizer``
-(CLIP family; ``rewards.text``) and ``clip_path`` (aesthetic). Unknown
-options raise.
+(CLIP family: a style; ``image_reward``: the BERT vocabulary folder;
+``rewards.text``) and ``clip_path`` (aesthetic). Unknown options raise.
 
 Reward checkpoints (never downloaded by the code; fetch them once):
 
@@ -62,6 +66,15 @@ Reward checkpoints (never downloaded by the code; fetch them once):
     python -m leapalign_jax.convert aesthetic \
         --src sac+logos+ava1-l14-linearMSE.pth --dst aesthetic_l14.safetensors
 
+- ``image_reward``: ``ImageReward.pt`` from huggingface.co/THUDM/ImageReward
+  (``path``; read with torch, or converted once with
+  ``python -m leapalign_jax.convert image_reward --src ImageReward.pt
+  --dst ImageReward.safetensors``), and in the same folder
+  bert-base-uncased's ``vocab.txt`` (+ ``tokenizer_config.json``; or set
+  ``tokenizer`` to their folder): BLIP's tokenizer, which ``embed_prompts``
+  reads offline. The hub's ``med_config.json`` is not needed: the sizes
+  are read off the weights.
+
 Pickles are read with ``torch.load(weights_only=True)``; ``.safetensors``
 files load without torch (TPU hosts) and are memory-mapped.
 """
@@ -76,6 +89,7 @@ from leapalign_jax.rewards import (
   aesthetic,
   clip_score,
   digits_rule,
+  image_reward,
   nondiff,
   text,
 )
@@ -88,6 +102,7 @@ _BUILDERS = {
   "clip": clip_score.build_clip,
   "digits_rule": digits_rule.build,  # the digits world's rule: no gradient
   "hpsv2": clip_score.build_hpsv2,
+  "image_reward": image_reward.build,
   "pickscore": clip_score.build_pickscore,
   "python": nondiff.build_python,  # a host scorer: no gradient
 }
@@ -145,6 +160,7 @@ def _bundle(entries: dict[str, tuple[float, Loaded]]) -> Reward:
     fns={n: e.fn for n, (_, e) in entries.items()},
     text_length=min(lengths) if lengths else 0,
     tokenizers={n: e.tokenizer for n, (_, e) in entries.items() if e.tokenizer},
+    lengths={n: e.text_length for n, (_, e) in entries.items() if e.tokenizer},
     differentiable={n: e.differentiable for n, (_, e) in entries.items()},
     ids_of={n: e.ids_from for n, (_, e) in entries.items() if e.ids_from},
     embed_fns={n: e.embed for n, (_, e) in entries.items() if e.embed},

@@ -53,10 +53,11 @@ class Reward:
     params: ``{name: frozen pytree}``; pass it (placed on devices, sharded
       or replicated) as the first argument of ``score``.
     fns: ``{name: (params[name], images, ids) -> r_B}``.
-    text_length: the token length every text tower accepts (the shortest
-      of them; CLIP's 77), 0 when no reward reads text.
+    text_length: the shortest of the rewards' id lengths (CLIP's 77,
+      ImageReward's 35), 0 when no reward reads text; ``lengths`` has each.
     tokenizers: ``{name: style}`` of the rewards that read text
       (``rewards.text``): whose ids the prompt cache must hold.
+    lengths: ``{name: L}`` of the same rewards: the length of their ids.
   """
 
   names: tuple[str, ...]
@@ -67,6 +68,7 @@ class Reward:
   tokenizers: Mapping[str, str] = dataclasses.field(default_factory=dict)
   # {name: False} for rewards without a gradient (absent: differentiable).
   differentiable: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+  lengths: Mapping[str, int] = dataclasses.field(default_factory=dict)
   # {name: other name}: a reward that reads another's prompt ids (e.g. the
   # digits world's rule reward reads the CLIP reward's ids).
   ids_of: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -101,7 +103,7 @@ class Reward:
       images_BHWC: decoded images in [-1, 1], NHWC, any size; values
         outside are clipped (as the references clamp).
       ids_BL: ``{name: ids_BL}``, each reward's own prompt ids padded to
-        ``text_length``; one array is given to every reward; None if no
+        ``lengths[name]``; one array is given to every reward; None if no
         reward reads text.
     """
     return {n: self._one(n, params, images_BHWC, ids_BL) for n in self.names}

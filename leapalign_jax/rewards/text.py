@@ -11,12 +11,17 @@ A reward that reads text declares a tokenizer *style* (``TOKENIZERS``):
   padded with ``<|endoftext|>``.
 - ``"checkpoint"`` (the ``clip`` reward): ``"openclip"`` for a checkpoint in
   the OpenCLIP layout, ``"hf"`` for a transformers one.
+- ``"bert"`` (``image_reward``): BLIP's BERT WordPiece
+  (``tokenizers.load_blip_tokenizer``) from the entry's ``tokenizer`` folder,
+  or the folder holding its ``path`` (``ImageReward.pt``); always 35 ids,
+  ImageReward's ``max_length``, padded with 0, whatever
+  ``text.reward_max_length`` says.
 
-A config entry's ``tokenizer`` option (``"openclip"`` / ``"hf"``) overrides
-the declaration. ``embed_prompts`` stores each reward's ids under
-``reward_ids/<name>`` in the prompt cache, and a weighted sum of rewards
-feeds each its own. Every tokenizer's vocabulary must be the size of the
-reward's text embedding table, and ids are padded to
+For the CLIP family a config entry's ``tokenizer`` option (``"openclip"`` /
+``"hf"``) overrides the declaration. ``embed_prompts`` stores each reward's
+ids under ``reward_ids/<name>`` in the prompt cache, and a weighted sum of
+rewards feeds each its own. Every tokenizer's vocabulary must be the size of
+the reward's text embedding table, and CLIP ids are padded to
 ``text.reward_max_length``, which must be the tower's context length.
 """
 
@@ -38,6 +43,7 @@ TOKENIZERS = {
   "clip": "checkpoint",
   "digits_rule": None,  # reads another reward's ids (its ``ids`` option)
   "hpsv2": "openclip",
+  "image_reward": "bert",
   "pickscore": "hf",
   "python": None,  # host scorers (rewards.nondiff) read no prompt ids
 }
@@ -49,9 +55,9 @@ class RewardText:
 
   Attributes:
     name: the reward's config name.
-    style: ``"openclip"`` or ``"hf"``.
+    style: ``"openclip"``, ``"hf"`` or ``"bert"``.
     folder: the HF tokenizer folder; "" for the vendored OpenAI BPE.
-    length: padded length (``text.reward_max_length``).
+    length: padded length (``text.reward_max_length``; 35 for ``"bert"``).
     rows: the reward text tower's embedding rows (its vocabulary size).
     where: the checkpoint, for messages.
   """
@@ -70,6 +76,9 @@ class RewardText:
     if self.style == "openclip":
       tok = openclip_tokenizer.load()
       label = "OpenCLIP BPE (vendored)"
+    elif self.style == "bert":
+      tok = tokenizers.load_blip_tokenizer(self.folder)
+      label = self.folder
     else:
       tok = tokenizers.load_clip_tokenizer(self.folder or None)
       label = self.folder or "OpenAI BPE (vendored)"
@@ -78,6 +87,8 @@ class RewardText:
     )
     if self.style == "openclip":
       return lambda p: openclip_tokenizer.tokenize_openclip(tok, p, self.length)
+    if self.style == "bert":
+      return lambda p: tokenizers.tokenize_bert(tok, p, self.length)
     return lambda p: tokenizers.tokenize_clip(tok, p, self.length)
 
 
@@ -124,6 +135,9 @@ def specs(rewards_cfg: Mapping[str, Any], length: int) -> dict[str, RewardText]:
     declared = TOKENIZERS[kind]
     if declared is None:
       continue  # reads no text
+    if declared == "bert":
+      out[str(name)] = bert_spec(str(name), cfg)
+      continue
     option = cfg.get("tokenizer", "")
     check_option(name, option)
     path = cfg.get("path", "")
@@ -153,3 +167,53 @@ def specs(rewards_cfg: Mapping[str, Any], length: int) -> dict[str, RewardText]:
       where=str(path),
     )
   return out
+
+
+def bert_spec(name: str, cfg: Mapping[str, Any]) -> RewardText:
+  """The ``image_reward`` entry's tokenizer: BLIP's BERT, 35 ids.
+
+  Reads only the checkpoint's tensor names and shapes.
+
+  Raises:
+    UserError: an empty path, no ``vocab.txt`` where it is looked for, a
+      text tower shorter than 35 positions.
+  """
+  from leapalign_jax import tokenizers
+  from leapalign_jax.convert import image_reward as convert_ir
+
+  path = str(cfg.get("path", ""))
+  if not path:
+    raise UserError(
+      f"rewards.{name}.path is empty; the prompts' {name} ids depend on "
+      "that checkpoint (its tokenizer and vocabulary): set it"
+    )
+  folder = cfg.get("tokenizer", "") or tokenizers.find_bert_tokenizer(path)
+  if not folder:
+    raise UserError(
+      f"rewards.{name}: no BERT vocab.txt beside {path}; put "
+      "bert-base-uncased's vocab.txt there or set "
+      f"rewards.{name}.tokenizer to its folder"
+    )
+  source, layout = convert_ir.open_checkpoint(path)
+  key = f"{convert_ir.TEXT_PREFIX[layout]}embeddings."
+  try:
+    rows = source.shape(key + "word_embeddings.weight")[0]
+    positions = source.shape(key + "position_embeddings.weight")[0]
+  except KeyError as e:
+    raise UserError(
+      f"rewards.{name}.path: {path} has no {e}; the checkpoint is incomplete"
+    ) from None
+  length = tokenizers.BLIP_MAX_LENGTH
+  if positions < length:
+    raise UserError(
+      f"rewards.{name}.path: {path}'s text tower takes {positions} tokens, "
+      f"fewer than ImageReward's {length}"
+    )
+  return RewardText(
+    name=name,
+    style="bert",
+    folder=str(folder),
+    length=length,
+    rows=int(rows),
+    where=path,
+  )
