@@ -19,9 +19,10 @@ from the reference scripts (read 2026-12, method.md §10.3):
   clips as DanceGRPO, lr 1e-5 wd 1e-4, 300 iterations; 32 GPUs x 1 prompt,
   accumulation 3: 4 updates per rollout. Released checkpoint trained on
   HPSv2.1 + PickScore + ImageReward (Table 2: HPSv2.1 0.3692); ``rewards=
-  multi`` gives HPSv2.1 + PickScore (ImageReward is not a registered
-  training reward here yet), summed before the group normalisation (the
-  script's default normalises each reward's advantages separately).
+  multi`` gives the same three (``pick=``, ``ir=``: ImageReward.pt beside
+  bert-base-uncased's vocab.txt), weights 1, summed before the group
+  normalisation (the script's default normalises each reward's advantages
+  separately).
 * Flow-GRPO (FLUX, method.md §10.3): LoRA rank 64, lr 3e-4, 6 training
   steps, a = 0.9, group 24, 512²; the first ``timestep_fraction`` of the
   steps trained, biased std with floor 1e-4. No KL by default here
@@ -76,13 +77,14 @@ _PUBLISHED = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """``arg``: method=, flux=, hps=, pick=, train=, eval=, rewards=hps|multi."""
+  """``arg``: method=, flux=, hps=, pick=, ir=, train=, eval=, rewards=hps|multi."""
   args = defaults.parse_arg(
     arg,
     method="dance_grpo",
     flux="",
     hps="",
     pick="",
+    ir="",
     train="",
     eval="",
     rewards="hps",
@@ -100,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"rewards={args['rewards']!r}; use hps or multi")
   if args["rewards"] == "multi":
     c.rewards.pickscore = dict(c.rewards.hpsv2.to_dict(), path=args["pick"])
+    c.rewards.image_reward = dict(weight=1.0, path=args["ir"], remat="full")
   c.sampling.num_steps = pub["steps"]
   c.data.global_batch = pub["prompts"]
   c.optim.update(lr=pub["lr"], weight_decay=1e-4, clip_norm=1.0)

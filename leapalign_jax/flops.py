@@ -179,6 +179,31 @@ def clip_forward(c: Any) -> tuple[float, float]:
   return vision, text
 
 
+def image_reward_forward(c: Any) -> tuple[float, float]:
+  """``(vision, text)`` forward FLOPs of ImageReward on one image.
+
+  BLIP's ViT like a CLIP tower; the BERT text tower adds, per layer, a
+  cross-attention whose keys and values project the image tokens from the
+  ViT's width (the MLP head is negligible).
+  """
+  v, t = c.vision, c.text
+  patches = (v.image_size // v.patch_size) ** 2
+  vision = (
+    _tower(
+      v.hidden_size, int(v.hidden_size * v.mlp_ratio), v.num_layers, patches + 1
+    )
+    + 2 * patches * v.patch_size**2 * 3 * v.hidden_size
+  )
+  L, D, n = c.text_length, t.hidden_size, patches + 1
+  cross = (
+    2 * 2 * L * D * D  # q and out projections
+    + 2 * 2 * n * t.encoder_width * D  # k and v of the image tokens
+    + 4 * L * n * D  # scores and weighted sum
+  )
+  text = _tower(D, t.intermediate_size, t.num_layers, L) + t.num_layers * cross
+  return vision, float(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class Calls:
   """DiT calls per image of one step.
@@ -271,8 +296,14 @@ def reward_forward(config: ml_collections.ConfigDict) -> list[tuple]:
     if float(entry.get("weight", 1.0)) == 0.0:
       continue  # evaluation-only: not computed in the training step
     kind = entry.get("kind") or name
-    if kind == "python":
+    if kind in ("python", "digits_rule"):
       continue  # a host scorer: no accelerator FLOPs
+    if kind == "image_reward":
+      from leapalign_jax.models import image_reward
+
+      ir = image_reward.VARIANTS[entry.get("variant") or "imagereward"]
+      out.append((*image_reward_forward(ir), entry.get("remat", "none")))
+      continue
     variant = entry.get("variant") or (
       "vit-l-14" if kind == "aesthetic" else ""
     )

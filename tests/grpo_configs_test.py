@@ -33,7 +33,11 @@ def test_published_settings_validate_and_have_flops(name):
     autoencoder.VARIANTS["flux"],
     (side, side),
   )
-  assert f.total > 0 and set(c.rewards) == {"hpsv2", "pickscore"}
+  assert f.total > 0 and set(c.rewards) == {
+    "hpsv2",
+    "pickscore",
+    "image_reward",
+  }
 
 
 def test_dance_grpo_numbers():
