@@ -28,6 +28,16 @@ from the reference scripts (read 2026-12, method.md §10.3):
   steps trained, biased std with floor 1e-4. No KL by default here
   (``--config.grpo.kl_beta`` adds the KL to the LoRA-off base).
 
+Pod fit (``python -m leapalign_jax.aot``, compiled on a 2-core CPU VM,
+2026-12-05; memory is the TPU compiler's plan per chip of 95.74 GiB):
+
+* ``method=dance_grpo --topology v5p-32`` (16 chips, fsdp 16; 16 prompts
+  do not split over v5p-64's 32): arguments 13.07 GiB, temporaries 13.48,
+  peak 23.51 GiB, FITS; 308.8 PFLOP per step (373.3 with remat); 229 s.
+* ``method=mix_grpo,rewards=multi --topology v5p-64`` (32 chips, fsdp
+  32): arguments 11.03 GiB, temporaries 13.62, peak 19.08 GiB, FITS;
+  532.0 PFLOP per step (589.2 with remat); 507 s.
+
 Differences from the references, by design: the sigma grid is Flux's
 resolution-dependent shift (e^μ ≈ 2.22 at 720²) where the references use
 a fixed shift 3; log-probs include the Gaussian constants (they cancel in

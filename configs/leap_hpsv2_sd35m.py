@@ -35,6 +35,13 @@ DRTune 0.3828, DRaFT-LV 0.3506.
 Checked by shape only here (``abstract_run`` / ``aot``; no SD3.5 weights
 were available to this project when it was written): the figures below are
 only those actually measured.
+
+Pod fit (``python -m leapalign_jax.aot --config configs/leap_hpsv2_sd35m.py
+--topology v5p-32``, 2026-12-05, compiled on a 2-core CPU VM in 612 s):
+16 chips, mesh fsdp 16; per chip arguments 4.24 GiB, outputs 2.29 (aliased),
+temporaries 8.65, peak 10.44 GiB of 95.74: FITS. Model FLOPs per step
+9.4 PFLOP (DiT 9.1 PFLOP, VAE 321.9 TFLOP, reward 45.8 TFLOP), 10.2 PFLOP
+with rematerialisation.
 """
 
 import ml_collections

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from leapalign_jax import configs_io, data, train
+from leapalign_jax import configs_io, data, evaluate, train
 from leapalign_jax.worlds import digits, digits_pipeline, digits_stages
 
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py")
@@ -160,6 +160,34 @@ def test_main_job_end_to_end(built, tmp_path):
     assert (folder / tag / "grid.png").exists()
   assert out["after"]["eval/digit"] == summary["eval/digit"]
   assert "eval/digit" in (folder / "summary.md").read_text()
+  # The paper-style table of the run (base and EMA rows) ...
+  table = (folder / "table.md").read_text()
+  assert "eval/digit" in table and "reward/clip" in table
+  # ... and the evaluate command: base vs aligned, one table, side by side.
+  status = evaluate.main(
+    [
+      "--config",
+      DIGITS + ":fast",
+      "--workdir",
+      str(tmp_path),
+      "--checkpoint",
+      "base",
+      "--checkpoint",
+      f"aligned={tmp_path}",
+      "--compare",
+      "--tag",
+      "cmp",
+      f"world_options.dir={world_dir!r}",
+    ]
+  )
+  assert status == 0
+  with open(folder / "cmp" / "table.json") as f:
+    rows = json.load(f)
+  text = json.dumps(rows)
+  assert '"base"' in text and '"aligned"' in text
+  assert (folder / "cmp" / "compare.png").stat().st_size > 0
+  aligned = json.loads((folder / "cmp" / "aligned" / "eval.json").read_text())
+  assert aligned["eval/digit"] == summary["eval/digit"]  # same seeds, EMA
 
 
 @pytest.mark.parametrize("failing", ["train_autoencoder", "train_reward"])
