@@ -1,7 +1,8 @@
 """The long reliability battery: many random kills, then every bad input.
 
   python bench/reliability.py [--kills 12] [--sigterms 3] [--steps 40] \
-      [--seed N] [--skip-bad-inputs]
+      [--seed N] [--skip-bad-inputs] [--mp-kills 6] [--mp-sigterms 2] \
+      [--mp-steps 16] [--skip-multiprocess | --only-multiprocess]
 
 1. A reference run of the tiny config (``--steps`` steps, a checkpoint every
    3, two kept, a small evaluation) builds world A uninterrupted.
@@ -18,6 +19,13 @@
    metrics, TensorBoard, export, evaluation outputs) and world B must equal
    world A byte for byte.
 3. Every case of ``tests/bad_inputs.py`` through its real command line.
+4. The multi-process battery (``bench/multiprocess_battery.py``): the same
+   command through ``launch_local`` with 1, 2 or 4 processes per start,
+   one random process SIGKILLed ``--mp-kills`` times and all SIGTERMed
+   ``--mp-sigterms`` times; every stop bounded, every resume exact across
+   process counts, the data read as by the uninterrupted run.
+   ``--only-multiprocess`` runs this part alone (and keeps the other
+   results in the JSON file).
 
 Prints a table and writes ``bench/results/reliability.json``.
 """
@@ -38,8 +46,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bad_inputs  # noqa: E402
 import crash_harness as ch  # noqa: E402
+import multiprocess_battery  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reliability.json"
 SIGKILL_TRIGGERS = ("step", "ckpt_write", "ckpt_commit", "metrics", "final")
@@ -213,6 +223,12 @@ def main() -> int:
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--seed", type=int, default=None)
   parser.add_argument("--skip-bad-inputs", action="store_true")
+  parser.add_argument("--mp-kills", type=int, default=6)
+  parser.add_argument("--mp-sigterms", type=int, default=2)
+  parser.add_argument("--mp-steps", type=int, default=16)
+  which = parser.add_mutually_exclusive_group()
+  which.add_argument("--skip-multiprocess", action="store_true")
+  which.add_argument("--only-multiprocess", action="store_true")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
   seed = args.seed if args.seed is not None else int(time.time()) % 10**6
@@ -223,6 +239,8 @@ def main() -> int:
   )
   print(f"seed {seed}; runs under {root}")
   t0 = time.time()
+  if args.only_multiprocess:
+    return only_multiprocess(args, root, env, rng, seed)
   kills = kill_battery(args, root, env, rng)
   bad = None if args.skip_bad_inputs else bad_input_battery(kills, root, env)
   print("\n| battery | tried | passed |\n|---|---|---|")
@@ -241,6 +259,9 @@ def main() -> int:
   )
   if kills["final_problems"]:
     print("final comparison:", kills["final_problems"])
+  mp = None
+  if not args.skip_multiprocess:
+    mp = multiprocess(args, root, env, rng)
   result = {
     "seed": seed,
     "machine": f"{platform.machine()} {os.cpu_count()} cpus",
@@ -248,14 +269,56 @@ def main() -> int:
     "seconds": round(time.time() - t0, 1),
     "kills": {k: v for k, v in kills.items() if k not in ("ref", "world")},
     "bad_inputs": bad,
+    "multiprocess": mp,
   }
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {args.out}")
-  ok = kills["survived"] == kills["tried"] and (
-    bad is None or bad["clear"] == bad["tried"]
+  ok = (
+    kills["survived"] == kills["tried"]
+    and (bad is None or bad["clear"] == bad["tried"])
+    and (mp is None or mp["survived"] == mp["tried"])
   )
   return 0 if ok else 1
+
+
+def multiprocess(args, root: Path, env: dict, rng) -> dict:
+  """Step 4 (``multiprocess_battery``): runs it, prints its table line."""
+  print("multi-process battery:")
+  t0 = time.time()
+  mp = multiprocess_battery.run(
+    root,
+    env["JAX_COMPILATION_CACHE_DIR"],
+    args.mp_kills,
+    args.mp_sigterms,
+    args.mp_steps,
+    rng,
+  )
+  mp["seconds"] = round(time.time() - t0, 1)
+  print(
+    f"| multi-process stops (SIGKILL of one process {mp['sigkill_tried']}, "
+    f"{mp['sigkill_process_0']} of them process 0; SIGTERM to all "
+    f"{mp['sigterm_tried']}) | {mp['tried']} | {mp['survived']} survived |\n"
+    f"| resumes across process counts ({mp['layout_changes']} count "
+    f"changes, layouts {mp['layouts']}) | {mp['resumes_tried']} | "
+    f"{mp['resumes_exact']} exact |"
+  )
+  if mp["final_problems"]:
+    print("final comparison:", mp["final_problems"])
+  return mp
+
+
+def only_multiprocess(args, root: Path, env: dict, rng, seed: int) -> int:
+  """``--only-multiprocess``: step 4 alone, merged into the JSON file."""
+  print("\n| battery | tried | passed |\n|---|---|---|")
+  mp = multiprocess(args, root, env, rng)
+  out = Path(args.out)
+  result = json.loads(out.read_text()) if out.exists() else {}
+  result["multiprocess"] = {**mp, "seed": seed}
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  print(f"wrote {out}")
+  return 0 if mp["survived"] == mp["tried"] else 1
 
 
 if __name__ == "__main__":

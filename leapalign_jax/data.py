@@ -195,6 +195,34 @@ def check_compatible(cache: PromptCache, encoders: Mapping[str, Any]) -> None:
     )
 
 
+def trace(step: int, element: dict[str, np.ndarray]) -> None:
+  """Records which prompts this process read at ``step`` (instrumentation).
+
+  With ``$LEAPALIGN_DATA_TRACE`` set to a folder, appends ``{"step",
+  "process", "index", "pid", "ppid"}`` to ``p<process>.jsonl`` there (the
+  parent pid tells the starts of a ``launch_local`` job apart); the
+  multi-process tests and ``bench/reliability.py`` check from it that no
+  prompt is skipped or read twice across processes and resumes.
+  """
+  folder = os.environ.get("LEAPALIGN_DATA_TRACE")
+  if not folder:
+    return
+  import jax
+
+  os.makedirs(folder, exist_ok=True)
+  line = json.dumps(
+    {
+      "step": int(step),
+      "process": jax.process_index(),
+      "index": [int(i) for i in np.asarray(element["index"]).ravel()],
+      "pid": os.getpid(),
+      "ppid": os.getppid(),
+    }
+  )
+  with open(os.path.join(folder, f"p{jax.process_index()}.jsonl"), "a") as f:
+    f.write(line + "\n")
+
+
 def batches(
   cache: PromptCache,
   batch_per_host: int,

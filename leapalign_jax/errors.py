@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
+# Another process of a multi-process run was lost (distributed.Watchdog).
+EXIT_LOST_PROCESS = 4
 
 
 class UserError(ValueError):

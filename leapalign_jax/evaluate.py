@@ -18,6 +18,7 @@ side-by-side ``eval/<tag>/compare.png`` (``leapalign_jax.eval_table``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from leapalign_jax import errors, eval_table, fileio, metrics, sharding, worlds
@@ -44,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
   metrics.log_to_stderr()  # progress lines
-  return errors.run_command(lambda: _evaluate(args))
+  from leapalign_jax import distributed
+
+  def run():
+    # Several processes (launch_local, a pod): each holds its shards.
+    distributed.start(json.dumps(vars(args), sort_keys=True))
+    _evaluate(args)
+
+  status = errors.run_command(run)
+  distributed.finish(status)
+  return status
 
 
 def _evaluate(args) -> None:
@@ -80,6 +90,10 @@ def _evaluate(args) -> None:
     comps, named, args.workdir, args.tag, compare=args.compare
   )
   folder = fileio.join(args.workdir, "eval", args.tag)
+  import jax
+
+  if jax.process_index() != 0:  # process 0 wrote the files and reports
+    return
   print(eval_table.markdown(data))
   print(f"table: {fileio.join(folder, 'table.md')} (and table.json)")
   if "compare" in data:

@@ -109,15 +109,31 @@ def main(argv):
   del argv
   signal.signal(signal.SIGTERM, _sigterm_before_training)
   outcome = {}
-  status = errors.run_command(lambda: outcome.update(_main() or {}))
+  status = errors.run_command(lambda: outcome.update(_guarded_main() or {}))
   if not status and outcome.get("preempted"):
     status = errors.preempted_status()
+  from leapalign_jax import distributed
+
+  # A preempted process ends as planned: the others stop watching it.
+  distributed.finish(0 if outcome.get("preempted") else status)
   if status:
     # Straight out: library threads (orbax, tensorstore) left mid-way by the
     # error would print shutdown noise under the one-line report.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _guarded_main() -> dict:
+  """``_main``; a collective broken by a lost process ends in one line."""
+  from leapalign_jax import distributed
+
+  try:
+    return _main()
+  except Exception as e:
+    if distributed.lost_peer_error(e):
+      distributed.exit_lost_peer(e)  # does not return
+    raise
 
 
 def _main() -> dict:
@@ -127,7 +143,7 @@ def _main() -> dict:
   from leapalign_jax import distributed
 
   # Puts _sigterm_before_training back over the handler JAX installs.
-  distributed.initialize()
+  distributed.start(FLAGS.config.to_json_best_effort())
   import logging as std_logging
 
   from leapalign_jax import train

@@ -30,7 +30,8 @@ import ml_collections
 import numpy as np
 
 from leapalign_jax import checkpoint as ckpt_lib
-from leapalign_jax import errors, fileio, locks, sharding
+from leapalign_jax import data as data_lib
+from leapalign_jax import errors, fileio, locks, sharding, utils
 from leapalign_jax import metrics as metrics_lib
 from leapalign_jax import step as step_lib
 from leapalign_jax.preemption import Preemption
@@ -58,20 +59,9 @@ RESUMABLE_FIELDS = (
 )
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as plain JSON, minus fields a resume may change."""
-  flat = _flatten(json.loads(config.to_json_best_effort()))
+  flat = utils.flatten_dict(json.loads(config.to_json_best_effort()))
   return {
     k: v
     for k, v in flat.items()
@@ -100,7 +90,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
     new = config_fingerprint(config)
     old_fp = {
       k: v
-      for k, v in _flatten(old).items()
+      for k, v in utils.flatten_dict(old).items()
       if not any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
     }
     diff = sorted(
@@ -278,7 +268,9 @@ def _train_and_evaluate(config, workdir: str, preempt: Preemption) -> dict:
   with preempt.deferred():
     while step < num_steps:
       choice = step_lib.host_choice(config, method, step, comps.sigmas)
-      batch = sharding.put_batch(comps.batch_to_arrays(dataset[step]), mesh)
+      element = dataset[step]
+      data_lib.trace(step, element)
+      batch = sharding.put_batch(comps.batch_to_arrays(element), mesh)
       choice_arr = {k: np.int32(v) for k, v in choice.items()}
       state, m = train_step(state, comps.frozen, batch, choice_arr)
       step += 1

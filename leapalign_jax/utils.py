@@ -6,7 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -49,3 +50,14 @@ def atomic_dir(path: str, replace: bool = False) -> Iterator[str]:
     for leftover in (tmp, old):
       if leftover and os.path.exists(leftover):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts as one level, ``{"a.b": leaf}`` (configs as JSON)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

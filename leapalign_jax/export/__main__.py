@@ -16,6 +16,7 @@ exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from leapalign_jax import errors
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
   written = []
 
   def export():
+    from leapalign_jax import distributed
     from leapalign_jax.export.workdir import export_checkpoint
+
+    # Several processes (launch_local, a pod): each holds its shards.
+    distributed.start(json.dumps(vars(args), sort_keys=True))
 
     written.extend(
       export_checkpoint(
@@ -71,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
   status = errors.run_command(export)
+  from leapalign_jax import distributed
+
+  distributed.finish(status)
   for path in written:
     print(path)
   return status

@@ -73,7 +73,7 @@ def prepare(
       raise ConfigError(
         f"unknown world {config.world!r}; use '' or one of {sorted(WORLDS)}"
       )
-    return WORLDS[config.world](config, workdir)
+    return _prepare_world(WORLDS[config.world], config, workdir)
   config = staging.resolve_config(config)
   section = families.of(config).section
   for field in (f"{section}.path", "vae.path", "data.train_cache"):
@@ -86,6 +86,23 @@ def prepare(
     if "://" not in path and not os.path.exists(path):
       raise ConfigError(f"config.{field}: {path} does not exist")
   return config
+
+
+def _prepare_world(build: Callable, config, workdir: str):
+  """``build`` on process 0 first, then on the others (which find it built).
+
+  Every process needs the world's paths; only process 0 writes the files
+  (the world lives on a file system the processes share).
+  """
+  import jax
+
+  from leapalign_jax import distributed
+
+  if jax.process_count() == 1:
+    return build(config, workdir)
+  out = build(config, workdir) if jax.process_index() == 0 else None
+  distributed.barrier("world")
+  return out if out is not None else build(config, workdir)
 
 
 def scorers(config: ml_collections.ConfigDict, workdir: str) -> list:

@@ -45,7 +45,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from leapalign_jax import fileio
+from leapalign_jax import fileio, utils
 from leapalign_jax.errors import ConfigError
 from leapalign_jax.worlds import (
   digits,
@@ -208,16 +208,6 @@ def pretrain_set(world, opts, seed: int) -> digits.Batch:
 # ---------------------------------------------------------------------------
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 _STAGES_LOCK = threading.Lock()  # stages.json: written from two threads
 
 
@@ -258,7 +248,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
       for k in ("clip_max_length", "t5_max_length", "reward_max_length")
     },
   }
-  random_world.claim(folder, _flatten(json.loads(json.dumps(built))))
+  random_world.claim(folder, utils.flatten_dict(json.loads(json.dumps(built))))
 
   records = all_records(world)
   paths = random_world.write_text_models(
