@@ -139,12 +139,17 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   """Waits until every process reaches ``barrier(name)`` (no-op alone).
 
   Through the coordination service, not a device collective: process 0
-  may spend minutes building a world while the others wait here.
+  may spend minutes building a world while the others wait here. Each
+  call is a new barrier (a barrier id serves once), numbered per name.
   """
   import jax
 
   if jax.process_count() > 1:
-    _client().wait_at_barrier(f"{_KV}/{name}", int(timeout_s * 1000))
+    n = _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+    _client().wait_at_barrier(f"{_KV}/{name}/{n}", int(timeout_s * 1000))
+
+
+_BARRIERS: dict[str, int] = {}
 
 
 def code_version() -> str:
