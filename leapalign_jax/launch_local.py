@@ -12,7 +12,8 @@ process with ``processes * devices`` devices, so a config runs unchanged.
 
 Every line a process prints is passed on with a ``[p<i>]`` prefix.
 SIGTERM and SIGINT are forwarded to every process (a preemption rehearsal:
-they checkpoint at the same step and exit 0). When a process dies, the
+they checkpoint at the same step and exit 0); if the launcher itself dies,
+even by SIGKILL, its processes get SIGTERM (Linux). When a process dies, the
 others stop by themselves within ``--heartbeat-timeout`` seconds
 (``distributed.Watchdog``); the launcher names the lost process in one
 line, kills any process still alive ``--grace`` seconds later, and exits
@@ -83,12 +84,38 @@ def _describe(rc: int) -> str:
   return f"exited with status {rc}"
 
 
+def _die_with_parent():
+  """A ``preexec_fn``: the child gets SIGTERM when the launcher dies (Linux).
+
+  Even a SIGKILLed launcher leaves no orphans running: its processes
+  checkpoint and exit. None where ``prctl`` is not available.
+  """
+  try:
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None
+  pr_set_pdeathsig = 1
+  return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def run(args: argparse.Namespace) -> int:
   """Starts the processes and waits for them; returns the exit status."""
   port = args.port or _free_port()
   command = [sys.executable, "-m", args.module, *args.program_args]
   procs = []
   pumps = []
+
+  def forward(signum, frame):
+    del frame
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  signal.signal(signal.SIGTERM, forward)
+  signal.signal(signal.SIGINT, forward)
+  preexec = _die_with_parent()  # resolved here: the child only calls it
   for i in range(args.processes):
     env = process_env(
       dict(os.environ),
@@ -99,29 +126,25 @@ def run(args: argparse.Namespace) -> int:
       args.heartbeat_timeout,
     )
     p = subprocess.Popen(
-      command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+      command,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      preexec_fn=preexec,  # no threads yet: the pumps start below
     )
     procs.append(p)
+  for i, p in enumerate(procs):
     t = threading.Thread(
       target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr), daemon=True
     )
     t.start()
     pumps.append(t)
 
-  def forward(signum, frame):
-    del frame
-    for p in procs:
-      if p.poll() is None:
-        p.send_signal(signum)
-
   if args.pid_file:  # for tests and scripts that signal one process
     tmp = args.pid_file + ".tmp"
     with open(tmp, "w") as f:
       json.dump([p.pid for p in procs], f)
     os.replace(tmp, args.pid_file)
-  signal.signal(signal.SIGTERM, forward)
-  signal.signal(signal.SIGINT, forward)
-
   first_failure = None  # (process, rc)
   deadline = None
   while any(p.poll() is None for p in procs):
@@ -130,9 +153,14 @@ def run(args: argparse.Namespace) -> int:
       if rc not in (None, 0) and first_failure is None:
         first_failure = (i, rc)
         deadline = time.monotonic() + args.grace
+        others = any(q.poll() is None for q in procs)
         print(
-          f"{_PROG}: error: process {i} (pid {p.pid}) {_describe(rc)}; the "
-          f"others stop within {args.heartbeat_timeout:g} s",
+          f"{_PROG}: error: process {i} (pid {p.pid}) {_describe(rc)}"
+          + (
+            f"; the others stop within {args.heartbeat_timeout:g} s"
+            if others
+            else ""
+          ),
           file=sys.stderr,
           flush=True,
         )

@@ -121,6 +121,24 @@ def pids(pid_file: str, timeout: float = 60) -> list[int]:
   return json.loads(Path(pid_file).read_text())
 
 
+def wait_gone(pid_list: list[int], timeout: float = 120) -> bool:
+  """Waits until none of ``pid_list`` runs (zombies count as gone)."""
+  t0 = time.monotonic()
+  while time.monotonic() - t0 < timeout:
+    alive = []
+    for pid in pid_list:
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          if f.read().split(")")[-1].split()[0] != "Z":
+            alive.append(pid)
+      except FileNotFoundError:
+        pass
+    if not alive:
+      return True
+    time.sleep(0.1)
+  return False
+
+
 def kill_one(pid_file: str, process: int) -> float:
   """SIGKILLs ``process`` of a launch; returns the time it was sent."""
   os.kill(pids(pid_file)[process], signal.SIGKILL)

@@ -166,7 +166,8 @@ def test_only_process_0_writes_evaluate_and_export_agree(runs, cache, root):
 
 
 def test_kill_term_and_resume_across_process_counts(runs, cache, root):
-  """2 processes (one SIGKILLed) -> 4 (SIGTERM) -> 1 (SIGTERM) -> 2."""
+  """2 processes (one SIGKILLed) -> 4 (SIGTERM) -> 1 (launcher SIGKILLed)
+  -> 2."""
   workdir, trace = str(root / "chain"), str(root / "trace_chain")
   environ = mh.env(cache, trace)
   flags = (*FLAGS, "--config.eval.num_prompts=0")
@@ -192,27 +193,36 @@ def test_kill_term_and_resume_across_process_counts(runs, cache, root):
   assert stopped_after < 3 * HEARTBEAT + 10, stopped_after
   killed_at = ch.latest_step(workdir)
 
-  # 2. Four processes resume; SIGTERM to all (a preemption).
+  # 2. Four processes resume; SIGTERM to all (a preemption). 3. One
+  # process resumes; its launcher is SIGKILLed: the process gets SIGTERM.
   for processes, devices, name in ((4, 2, "chain2"), (1, 8, "chain3")):
     lines = len(mh.metrics(workdir))
-    log = str(root / f"{name}.log")
+    log, pid_file = str(root / f"{name}.log"), str(root / f"{name}.pids")
     launcher = mh.start(
-      mh.launch_command(workdir, runs["world"], processes, devices, *flags),
+      mh.launch_command(
+        workdir, runs["world"], processes, devices, *flags, pid_file=pid_file
+      ),
       environ,
       log,
     )
     mh.wait_for_lines(workdir, lines, launcher)
-    launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(timeout=300) == 0, mh.tail(log)
     text = mh.tail(log, 400)
+    if name == "chain2":
+      launcher.send_signal(signal.SIGTERM)
+      assert launcher.wait(timeout=300) == 0, mh.tail(log)
+      text = mh.tail(log, 400)
+      # Every process stopped at the same step (one checkpoint, exit 0).
+      assert text.count("preempted at step") == processes, text
+    else:
+      launcher.kill()
+      launcher.wait()
+      assert mh.wait_gone(mh.pids(pid_file), timeout=300), text
     assert f"resumed from step {killed_at}" in text, text
     logged = mh.metrics(workdir)[-1]["step"]
     assert ch.latest_step(workdir) == logged < NUM_STEPS, text
-    # Every process stopped at the same step (one checkpoint, exit 0).
-    assert text.count("preempted at step") == processes, text
     killed_at = logged
 
-  # 3. Two processes run to the end.
+  # 4. Two processes run to the end.
   done = mh.run(
     mh.launch_command(workdir, runs["world"], 2, 4, *flags), environ
   )
