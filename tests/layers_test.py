@@ -74,6 +74,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
       "staging.__main__",
       "convert.__main__",
       "export.__main__",
+      "launch_local",
     ),
   ),
   ("entry", ("main",)),
